@@ -1,0 +1,1 @@
+"""rl domain (work in progress)."""

@@ -1,0 +1,1 @@
+"""speech domain (work in progress)."""

@@ -1,0 +1,1 @@
+"""vision domain (work in progress)."""

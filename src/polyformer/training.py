@@ -1,0 +1,234 @@
+"""The Lightning base every domain task derives from: optimiser, schedule, logging, seeding and safe checkpoints.
+
+A domain task implements `step(batch, stage) -> loss` (logging its own metrics under f"{stage}/...") and builds its
+model in `__init__`; everything else is here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import pickle
+import random
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ThroughputMonitor
+from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
+
+from polyformer.data import global_seed
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warm-up, then cosine decay (or a constant rate)."""
+
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.05  # applied to weight matrices only (not norms, biases, positions, special tokens)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0  # optimizer steps of linear warm-up from 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0  # the cosine ends at min_lr_ratio * lr
+    total_steps: int | None = None  # length of the schedule; default: the trainer's estimated stepping batches
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optimizer.lr must be positive, found {self.lr}")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError(f"optimizer.warmup_steps and weight_decay must be >= 0, found "
+                             f"{self.warmup_steps} and {self.weight_decay}")
+
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        """Multiplier of lr at an optimizer step."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, total_steps - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def first_tensor(batch: Any) -> Tensor:
+    """The first tensor in a (nested) batch of tensors, dicts, lists and tuples."""
+    if isinstance(batch, Tensor):
+        return batch
+    values = batch.values() if isinstance(batch, dict) else batch
+    for value in values:
+        if isinstance(value, (Tensor, dict, list, tuple)):
+            try:
+                return first_tensor(value)
+            except ValueError:
+                continue
+    raise ValueError(f"no tensor found in a batch of type {type(batch).__name__}")
+
+
+def to_plain(value: Any) -> Any:
+    """Dataclasses → dicts, paths → strings, recursively: what a weights-only checkpoint may hold."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {key: to_plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_plain(item) for item in value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu") -> dict:
+    """torch.load with weights_only=True; a checkpoint that would unpickle arbitrary objects is refused."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"refusing to load checkpoint {path}: it holds pickled Python objects that are not plain weights, "
+            f"and unpickling them could run code ({str(error).splitlines()[0]})"
+        ) from None
+
+
+def _from_plain(annotation: Any, value: Any) -> Any:
+    """Rebuilds a dataclass argument (possibly Optional) from the dict a checkpoint stored."""
+    if not isinstance(value, dict):
+        return value
+    candidates = typing.get_args(annotation) or (annotation,)
+    for candidate in candidates:
+        if dataclasses.is_dataclass(candidate):
+            fields = {f.name: f.type for f in dataclasses.fields(candidate)}
+            hints = typing.get_type_hints(candidate)
+            return candidate(**{key: _from_plain(hints.get(key, fields[key]), item) for key, item in value.items()})
+    return value
+
+
+class PolyformerTask(L.LightningModule):
+    """Base LightningModule: subclasses build their model and implement `step(batch, stage) -> loss`."""
+
+    flops_per_batch: float | None = None  # measured on the first GPU step by `Throughput` (for MFU)
+
+    def __init__(self, optimizer: OptimizerConfig | None = None):
+        super().__init__()
+        self.optimizer_config = optimizer if optimizer is not None else OptimizerConfig()
+        # collects the init arguments of the whole subclass chain; stored as plain data in checkpoints
+        self.save_hyperparameters()
+
+    # ---- what a domain implements -------------------------------------------------------------------------------
+    def step(self, batch: Any, stage: str) -> Tensor:
+        """Loss of one batch; log stage metrics with self.log(f"{stage}/name", ...)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement step(batch, stage)")
+
+    def batch_size(self, batch: Any) -> int:
+        """Samples in a batch, for logging and throughput; override when the first tensor is not batch-major."""
+        return first_tensor(batch).shape[0]
+
+    # ---- Lightning hooks ----------------------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self.step(batch, "train")
+        self.log("train/loss", loss, prog_bar=True, batch_size=self.batch_size(batch))
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self.step(batch, "val")
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=self.batch_size(batch))
+        return loss
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self.step(batch, "test")
+        self.log("test/loss", loss, sync_dist=True, batch_size=self.batch_size(batch))
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        # every RNG restarts from (seed, epoch, rank): a run resumed at an epoch boundary draws the same dropout
+        # masks and augmentations as one that never stopped
+        seed = (global_seed() * 1_000_003 + self.current_epoch * 1_009 + self.global_rank) % 2**32
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+            if key in checkpoint:
+                checkpoint[key] = to_plain(dict(checkpoint[key]))
+
+    # ---- optimisation -------------------------------------------------------------------------------------------
+    def no_weight_decay_names(self) -> set[str]:
+        """Parameter names excluded from weight decay via any submodule's `no_weight_decay()` (timm's convention)."""
+        names = set()
+        for prefix, module in self.named_modules():
+            if module is not self and hasattr(module, "no_weight_decay"):
+                names |= {f"{prefix}.{name}" if prefix else name for name in module.no_weight_decay()}
+        return names
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        excluded = self.no_weight_decay_names()
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim < 2 or name in excluded else decay).append(param)
+        return [
+            {"params": decay, "weight_decay": self.optimizer_config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self):
+        cfg = self.optimizer_config
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                      fused=self.device.type == "cuda")
+        total = cfg.total_steps or int(self.trainer.estimated_stepping_batches)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cfg.lr_factor(step, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---- checkpoints --------------------------------------------------------------------------------------------
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = "cpu", strict: bool = True,
+                             **overrides: Any):
+        """Rebuilds the task from a checkpoint's hyper-parameters and weights, loading with weights_only=True."""
+        checkpoint = load_checkpoint(checkpoint_path, map_location)
+        hparams = dict(checkpoint.get("hyper_parameters", {}))
+        hparams.pop("_instantiator", None)
+        hparams.pop("_class_path", None)
+        hints = typing.get_type_hints(cls.__init__)
+        accepted = inspect.signature(cls.__init__).parameters
+        kwargs = {key: _from_plain(hints.get(key), value) for key, value in hparams.items() if key in accepted}
+        kwargs.update(overrides)
+        task = cls(**kwargs)
+        task.load_state_dict(checkpoint["state_dict"], strict=strict)
+        return task.to(map_location) if map_location is not None else task
+
+
+class Throughput(ThroughputMonitor):
+    """Lightning's ThroughputMonitor (samples/s, and MFU on GPUs when the task defines `flops_per_batch`),
+    counting samples with the task's own `batch_size(batch)`."""
+
+    def __init__(self, window_size: int = 50):
+        super().__init__(batch_size_fn=self._count, window_size=window_size)
+        self._task: PolyformerTask | None = None
+        self._flop_counter: FlopCounterMode | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._task = pl_module
+        super().setup(trainer, pl_module, stage)
+
+    def _count(self, batch: Any) -> int:
+        return self._task.batch_size(batch) if hasattr(self._task, "batch_size") else first_tensor(batch).shape[0]
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        # MFU needs FLOPs per batch: count those of the first real step (forward, backward, optimizer) on a GPU
+        if getattr(pl_module, "flops_per_batch", 0) is None and trainer.strategy.root_device.type == "cuda" \
+                and self._flop_counter is None:
+            self._flop_counter = FlopCounterMode(display=False)
+            self._flop_counter.__enter__()
+        super().on_train_batch_start(trainer, pl_module, *args)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._flop_counter is not None and pl_module.flops_per_batch is None:
+            self._flop_counter.__exit__(None, None, None)
+            pl_module.flops_per_batch = float(self._flop_counter.get_total_flops())
+        super().on_train_batch_end(trainer, pl_module, *args)

@@ -1,0 +1,189 @@
+"""Transformer blocks, encoder and decoder, built from one typed config.
+
+A block is attention + feed-forward, each a residual branch, pre-norm (x + f(norm(x))) or post-norm
+(norm(x + f(x))); a decoder block adds cross-attention to a memory in between. The encoder is bidirectional or
+causal; a causal encoder decodes incrementally with a KV cache (`new_cache()`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from polyformer.attention import AttentionKind, LayerCache, MultiHeadAttention
+from polyformer.layers import Activation, DropPath, FeedForward, LayerScale, NormKind, init_linear_weights, make_norm
+from polyformer.positions import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding
+
+PositionKind = Literal["none", "sinusoidal", "learned", "rope", "alibi"]
+KVCache = list[LayerCache]
+
+
+@dataclass
+class TransformerConfig:
+    """Everything that shapes an encoder or decoder stack."""
+
+    dim: int = 256  # model width d
+    depth: int = 6  # number of blocks
+    heads: int = 8  # attention heads; dim must be divisible by heads
+    mlp_ratio: float = 4.0  # feed-forward hidden width = mlp_ratio * dim
+    activation: Activation = "gelu"  # relu | gelu | swiglu
+    norm: NormKind = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5  # timm's ViTs use 1e-6
+    prenorm: bool = True  # False: post-norm as in the original Transformer
+    final_norm: bool = True  # a norm after the last pre-norm block
+    causal: bool = False  # token i attends to j <= i only
+    attention: AttentionKind = "full"  # full (SDPA) | local (sliding window, O(n·w)) | linear (O(n))
+    window: int | None = None  # sliding window in tokens: a mask for 'full', the block size for 'local'
+    position: PositionKind = "none"  # sinusoidal | learned (added to inputs) | rope | alibi (inside attention)
+    max_len: int = 4096  # positions of the learned table (resampled beyond) and of the cached sinusoidal table
+    rope_base: float = 10000.0
+    qk_norm: bool = False  # normalise queries and keys per head (ViT-22B)
+    bias: bool = True  # biases in the linear layers
+    dropout: float = 0.0  # after the attention output projection and in the feed-forward
+    attn_dropout: float = 0.0  # on attention weights (full and local kernels)
+    drop_path: float = 0.0  # stochastic depth, rising linearly to this value over the blocks
+    layer_scale: float | None = None  # LayerScale initial value; None turns it off
+
+    def __post_init__(self) -> None:
+        if self.dim <= 0 or self.depth <= 0 or self.heads <= 0:
+            raise ValueError(f"dim, depth and heads must be positive, found dim={self.dim}, depth={self.depth}, "
+                             f"heads={self.heads}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim={self.dim} must be divisible by heads={self.heads}")
+        if self.attention not in ("full", "local", "linear"):
+            raise ValueError(f"attention must be 'full', 'local' or 'linear', found {self.attention!r}")
+        if self.attention == "local" and self.window is None:
+            raise ValueError("attention='local' needs window (tokens), found window=None")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window must be at least 1, found {self.window}")
+        if self.attention == "linear" and self.position in ("rope", "alibi"):
+            raise ValueError(f"position={self.position!r} acts on attention scores, which attention='linear' "
+                             f"does not form; use sinusoidal or learned positions")
+        for name in ("dropout", "attn_dropout", "drop_path"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), found {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+
+class TransformerBlock(nn.Module):
+    """norm1/attn/ls1 and norm2/mlp/ls2 residual branches (timm's names); `cross=True` adds norm_cross/cross_attn."""
+
+    def __init__(self, config: TransformerConfig, *, cross: bool = False, drop_path: float = 0.0):
+        super().__init__()
+        c = config
+        self.prenorm = c.prenorm
+        norm = partial(make_norm, c.norm, eps=c.norm_eps)
+        self.norm1 = norm(c.dim)
+        self.attn = MultiHeadAttention(
+            c.dim, c.heads, causal=c.causal, kind=c.attention, window=c.window,
+            position=c.position if c.position in ("rope", "alibi") else "none", rope_base=c.rope_base,
+            qk_norm=c.qk_norm, norm_layer=lambda e: make_norm(c.norm, e, c.norm_eps), bias=c.bias,
+            attn_dropout=c.attn_dropout, dropout=c.dropout,
+        )
+        self.ls1 = LayerScale(c.dim, c.layer_scale) if c.layer_scale else nn.Identity()
+        if cross:
+            self.norm_cross = norm(c.dim)
+            self.cross_attn = MultiHeadAttention(c.dim, c.heads, cross=True, bias=c.bias,
+                                                 attn_dropout=c.attn_dropout, dropout=c.dropout)
+            self.ls_cross = LayerScale(c.dim, c.layer_scale) if c.layer_scale else nn.Identity()
+        self.norm2 = norm(c.dim)
+        self.mlp = FeedForward(c.dim, int(c.mlp_ratio * c.dim), c.activation, bias=c.bias, dropout=c.dropout)
+        self.ls2 = LayerScale(c.dim, c.layer_scale) if c.layer_scale else nn.Identity()
+        self.drop_path = DropPath(drop_path)
+
+    def residual(self, x: Tensor, norm: nn.Module, branch, scale: nn.Module) -> Tensor:
+        if self.prenorm:
+            return x + self.drop_path(scale(branch(norm(x))))
+        return norm(x + self.drop_path(scale(branch(x))))
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor | None = None,
+        *,
+        key_padding_mask: Tensor | None = None,
+        memory_padding_mask: Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> Tensor:
+        x = self.residual(x, self.norm1, lambda h: self.attn(h, key_padding_mask=key_padding_mask, cache=cache),
+                          self.ls1)
+        if memory is not None:
+            x = self.residual(x, self.norm_cross,
+                              lambda h: self.cross_attn(h, memory, key_padding_mask=memory_padding_mask),
+                              self.ls_cross)
+        return self.residual(x, self.norm2, self.mlp, self.ls2)
+
+
+class _Stack(nn.Module):
+    """Additive positions, blocks with linearly rising drop-path, and the final norm of a pre-norm stack."""
+
+    def __init__(self, config: TransformerConfig, *, cross: bool):
+        super().__init__()
+        self.config = config
+        if config.position == "sinusoidal":
+            self.pos_embed = SinusoidalPositionalEmbedding(config.dim, config.max_len)
+        elif config.position == "learned":
+            self.pos_embed = LearnedPositionalEmbedding(config.dim, config.max_len)
+        else:
+            self.pos_embed = None
+        rates = torch.linspace(0, config.drop_path, config.depth).tolist()
+        self.blocks = nn.ModuleList(TransformerBlock(config, cross=cross, drop_path=r) for r in rates)
+        self.norm = make_norm(config.norm, config.dim, config.norm_eps) if config.prenorm and config.final_norm \
+            else nn.Identity()
+        self.apply(init_linear_weights)
+
+    def new_cache(self) -> KVCache:
+        """Empty per-block caches for incremental decoding (causal stacks only)."""
+        if not self.config.causal:
+            raise ValueError("a KV cache needs a causal stack (config.causal=True), found causal=False")
+        return [LayerCache() for _ in self.blocks]
+
+    def _add_positions(self, x: Tensor, cache: KVCache | None) -> Tensor:
+        if self.pos_embed is None:
+            return x
+        return self.pos_embed(x, offset=cache[0].seen if cache else 0)
+
+
+class TransformerEncoder(_Stack):
+    """Bidirectional or causal self-attention stack: (b n d) → (b n d)."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__(config, cross=False)
+
+    def forward(self, x: Tensor, *, key_padding_mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """x: (b n d); key_padding_mask: (b n) True at padding; cache: from new_cache(), extended in place."""
+        if cache is not None and len(cache) != len(self.blocks):
+            raise ValueError(f"cache has {len(cache)} layers, the encoder has {len(self.blocks)}")
+        x = self._add_positions(x, cache)
+        for i, block in enumerate(self.blocks):
+            x = block(x, key_padding_mask=key_padding_mask, cache=cache[i] if cache is not None else None)
+        return self.norm(x)
+
+
+class TransformerDecoder(_Stack):
+    """Self-attention (causal when config.causal) + cross-attention to a memory: (b n d), (b m d) → (b n d)."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__(config, cross=True)
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor,
+        *,
+        key_padding_mask: Tensor | None = None,
+        memory_padding_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        x = self._add_positions(x, cache)
+        for i, block in enumerate(self.blocks):
+            x = block(x, memory, key_padding_mask=key_padding_mask, memory_padding_mask=memory_padding_mask,
+                      cache=cache[i] if cache is not None else None)
+        return self.norm(x)
