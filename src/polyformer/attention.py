@@ -239,11 +239,11 @@ class MultiHeadAttention(nn.Module):
         q, k, v = (rearrange(t, "b n (h e) -> b h n e", h=self.heads) for t in (q, k, v))
         q, k = self.q_norm(q), self.k_norm(k)
 
-        start = cache.seen if cache is not None else 0
-        query_pos = torch.arange(start, start + n, device=x.device)
-        key_pos = torch.arange(k.shape[2], device=x.device) + (0 if self.cross else start)
+        start = cache.seen if cache is not None else 0  # position of the first query (plain ints: no graph breaks)
+        key_start = 0 if self.cross else start
         if self.rope is not None:
-            q, k = self.rope(q, query_pos), self.rope(k, key_pos)
+            q = self.rope(q, torch.arange(start, start + n, device=x.device))
+            k = self.rope(k, torch.arange(key_start, key_start + k.shape[2], device=x.device))
 
         if self.kind == "linear":
             if need_weights:
@@ -254,43 +254,48 @@ class MultiHeadAttention(nn.Module):
                 cache.linear, cache.seen = state, start + n
         else:
             if cache is not None:
-                k, v, key_padding_mask, key_pos = self._extend_cache(cache, k, v, key_padding_mask, key_pos)
-            out, weights = self._softmax_attention(q, k, v, query_pos, key_pos, key_padding_mask, need_weights)
+                k, v, key_padding_mask, key_start = self._extend_cache(cache, k, v, key_padding_mask)
+            out, weights = self._softmax_attention(q, k, v, start, key_start, key_padding_mask, need_weights)
 
         out = self.proj_drop(self.proj(rearrange(out, "b h n e -> b n (h e)")))
         return (out, weights) if need_weights else out
 
-    def _extend_cache(self, cache: LayerCache, k: Tensor, v: Tensor, padding: Tensor | None, key_pos: Tensor):
-        """Appends this step's keys to the cache; returns all keys to attend to and trims to the window."""
+    def _extend_cache(self, cache: LayerCache, k: Tensor, v: Tensor, padding: Tensor | None):
+        """Appends this step's keys to the cache and trims it to the window; returns all keys to attend to and the
+        position of the first of them."""
+        new = k.shape[2]
         if cache.keys is not None:
             if padding is not None or cache.padding is not None:
-                old = cache.padding if cache.padding is not None else k.new_zeros(cache.keys.shape[:1] + cache.keys.shape[2:3], dtype=torch.bool)
-                new = padding if padding is not None else k.new_zeros(k.shape[0], k.shape[2], dtype=torch.bool)
-                padding = torch.cat((old, new), dim=1)
-            key_pos = torch.cat((torch.arange(cache.seen - cache.keys.shape[2], cache.seen, device=k.device), key_pos))
+                b, cached = cache.keys.shape[0], cache.keys.shape[2]
+                old = cache.padding if cache.padding is not None else k.new_zeros(b, cached, dtype=torch.bool)
+                fresh = padding if padding is not None else k.new_zeros(b, new, dtype=torch.bool)
+                padding = torch.cat((old, fresh), dim=1)
             k, v = torch.cat((cache.keys, k), dim=2), torch.cat((cache.values, v), dim=2)
+        key_start = cache.seen + new - k.shape[2]
         keep = k.shape[2] if self.window is None else min(self.window, k.shape[2])
         cache.keys, cache.values = k[:, :, -keep:], v[:, :, -keep:]
         cache.padding = padding[:, -keep:] if padding is not None else None
-        cache.seen = int(key_pos[-1]) + 1
-        return k, v, padding, key_pos
+        cache.seen += new
+        return k, v, padding, key_start
 
-    def _softmax_attention(self, q, k, v, query_pos, key_pos, key_padding_mask, need_weights):
+    def _softmax_attention(self, q, k, v, query_start: int, key_start: int, key_padding_mask, need_weights):
         dropout_p = self.attn_dropout if self.training else 0.0
-        same_positions = q.shape[2] == k.shape[2] and not self.cross
-        if self.kind == "local" and same_positions and not need_weights and int(query_pos[0]) == int(key_pos[0]):
+        aligned = not self.cross and query_start == key_start and q.shape[2] == k.shape[2]  # same positions
+        if self.kind == "local" and aligned and not need_weights:
             out = local_attention(q, k, v, window=self.window, causal=self.causal,
                                   key_padding_mask=key_padding_mask, slopes=self.slopes, dropout_p=dropout_p)
             return out, None
-        mask = allowed_keys(query_pos, key_pos, causal=self.causal and not self.cross, window=self.window,
+        # the causal-only case goes to SDPA's is_causal fast path (flash on GPU) instead of an explicit mask
+        if self.causal and aligned and not need_weights and self.window is None and key_padding_mask is None \
+                and self.slopes is None:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True), None
+        query_pos = torch.arange(query_start, query_start + q.shape[2], device=q.device)
+        key_pos = torch.arange(key_start, key_start + k.shape[2], device=q.device)
+        mask = allowed_keys(query_pos, key_pos, causal=self.causal, window=self.window,
                             key_padding_mask=key_padding_mask)
         if self.slopes is not None:
             bias = alibi_bias(self.slopes, query_pos, key_pos).to(q.dtype)[None]
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         if need_weights:
             return math_attention(q, k, v, mask)
-        # the causal-only case goes to SDPA's is_causal fast path (flash on GPU) instead of an explicit mask
-        if self.causal and same_positions and mask is not None and self.window is None and key_padding_mask is None \
-                and self.slopes is None and int(query_pos[0]) == int(key_pos[0]):
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True), None
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p), None

@@ -4,7 +4,8 @@
 
 Runs land in runs/<domain>/<name>/version_N/ (metrics.csv, TensorBoard events, checkpoints/ with last.ckpt);
 <domain>/<name> come from the config file's path unless --run.domain / --run.name say otherwise.
-`--ckpt_path last` resumes the newest version of the run instead of opening a new one.
+`--ckpt_path last` works in the newest version of the run (fit resumes it, test/validate evaluate it) instead of
+opening a new one.
 """
 
 from __future__ import annotations
@@ -50,11 +51,16 @@ class PolyformerCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        ckpt_path = config.get("ckpt_path")
-        if ckpt_path not in (None, "last", "best", "hpc", "registry") and Path(ckpt_path).is_file():
-            load_checkpoint(ckpt_path)  # a clear refusal now, rather than a pickle error deep inside fit
+    def parse_arguments(self, parser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads hyper-parameters from --ckpt_path next: refuse an unsafe file first, in plain words
+        config = self.config.get(self.config.get("subcommand") or "", self.config)
+        ckpt_path = config.get("ckpt_path") if hasattr(config, "get") else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            try:
+                load_checkpoint(ckpt_path)
+            except ValueError as error:
+                raise SystemExit(f"polyformer: --ckpt_path: {error}") from None
 
     def run_location(self) -> tuple[Path, str, int]:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -62,7 +68,7 @@ class PolyformerCLI(LightningCLI):
         files = [Path(str(p)) for p in (config.get("config") or [])]
         domain = run["domain"] or (files[-1].parent.name if files else "default")
         name = run["name"] or (files[-1].stem if files else "run")
-        resume = self.subcommand == "fit" and config.get("ckpt_path") == "last"
+        resume = config.get("ckpt_path") == "last"  # continue (fit) or evaluate (test) the newest version
         root = Path(run["root"]) / domain
         return root, name, next_version(root / name, resume)
 

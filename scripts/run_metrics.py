@@ -1,0 +1,39 @@
+"""Prints the last logged value of metrics from the newest version of a run: used by demo.sh's summary.
+
+    python scripts/run_metrics.py runs/core/sort_tiny test/sequence_acc test/token_acc
+"""
+
+import csv
+import re
+import sys
+from pathlib import Path
+
+
+def newest_version(run_dir: Path) -> Path:
+    versions = [p for p in run_dir.glob("version_*") if re.fullmatch(r"version_\d+", p.name)]
+    if not versions:
+        raise SystemExit(f"run_metrics: no version_N folder under {run_dir}")
+    return max(versions, key=lambda p: int(p.name.split("_")[1]))
+
+
+def last_values(metrics_csv: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    with metrics_csv.open() as f:
+        for row in csv.DictReader(f):
+            values.update({key: value for key, value in row.items() if value not in ("", None)})
+    return values
+
+
+def main() -> None:
+    if len(sys.argv) < 3:
+        raise SystemExit(__doc__)
+    run_dir, names = Path(sys.argv[1]), sys.argv[2:]
+    values = last_values(newest_version(run_dir) / "metrics.csv")
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise SystemExit(f"run_metrics: {missing} not logged in {run_dir}; logged: {sorted(values)}")
+    print(" ".join(f"{n}={float(values[n]):.4f}" for n in names))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+"""A test callback: every rank writes its final weights, so a test can compare the ranks of a DDP run."""
+
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class SaveRankWeights(L.Callback):
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        state = {name: tensor.detach().cpu() for name, tensor in pl_module.state_dict().items()}
+        torch.save(state, self.folder / f"rank{trainer.global_rank}.pt")
