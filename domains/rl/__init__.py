@@ -1,1 +1,1 @@
-"""rl domain (work in progress)."""
+"""Offline RL: a Decision Transformer on the core's causal encoder (KV-cached acting), with a BC baseline."""

@@ -1,0 +1,270 @@
+"""Offline trajectories from Minari datasets: loading with checks, return-to-go, and segments of K steps.
+
+Every training sample is a segment of `segment` steps starting at a uniformly drawn step of the whole dataset,
+which is the DT paper's sampling (an episode ∝ its length, then a uniform start). A segment that runs past its
+episode's end is padded on the right and flagged in `padding_mask` (True at padding).
+
+Datasets are read with `minari.load_dataset` from a MINARI_DATASETS_PATH-style root (nothing is downloaded unless
+`download=True`). The root defaults to $POLYFORMER_MINARI_PATH, else <shared data>/rl/minari; the built-in
+CartPole dataset (cartpole.py) is generated on first use under <project>/data/minari.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from polyformer.data import PROJECT_ROOT, make_loader, shared_data_dir
+
+
+def default_minari_root() -> Path:
+    """$POLYFORMER_MINARI_PATH, else <shared data>/rl/minari (the HalfCheetah-v5 datasets)."""
+    if "POLYFORMER_MINARI_PATH" in os.environ:
+        return Path(os.environ["POLYFORMER_MINARI_PATH"])
+    return shared_data_dir() / "rl" / "minari"
+
+
+def local_minari_root() -> Path:
+    """Where the project writes the datasets it generates itself (git-ignored)."""
+    return PROJECT_ROOT / "data" / "minari"
+
+
+@contextmanager
+def minari_root(root: Path):
+    """Points Minari (which reads MINARI_DATASETS_PATH at call time) at `root` for the duration of a block."""
+    previous = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(root)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MINARI_DATASETS_PATH")
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = previous
+
+
+@dataclass
+class Episode:
+    """One trajectory: states (T s), actions (T a) float or (T) int, rewards (T); T >= 2."""
+
+    states: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+    @property
+    def returns_to_go(self) -> np.ndarray:
+        """R_t = Σ_{t' >= t} r_t' (undiscounted, as in the DT paper)."""
+        return np.cumsum(self.rewards[::-1])[::-1].copy()
+
+
+@dataclass
+class OfflineData:
+    """Episodes of one dataset, with what the model needs to know about them."""
+
+    name: str
+    env_id: str
+    episodes: list[Episode]
+    discrete: bool
+    state_dim: int
+    action_dim: int  # action width, or the number of discrete actions
+    ref_min_score: float | None = None
+    ref_max_score: float | None = None
+
+    @property
+    def returns(self) -> np.ndarray:
+        return np.array([float(e.rewards.sum()) for e in self.episodes])
+
+    @property
+    def steps(self) -> int:
+        return sum(len(e) for e in self.episodes)
+
+
+def space_dims(space: gym.Space, what: str, source: str) -> tuple[int, bool]:
+    """(width or number of actions, discrete?) of a Box or Discrete space."""
+    if isinstance(space, gym.spaces.Discrete):
+        return int(space.n), True
+    if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
+        return int(space.shape[0]), False
+    raise ValueError(f"{source}: {what} must be a 1-D Box or a Discrete space, found {space}")
+
+
+def check_spaces(name: str, observation_space: gym.Space, action_space: gym.Space, env: gym.Env) -> None:
+    """A dataset must record the observation and action spaces of the environment it is evaluated in."""
+    for field, data_space, env_space in (("observation_space", observation_space, env.observation_space),
+                                         ("action_space", action_space, env.action_space)):
+        data_dims = space_dims(data_space, field, f"dataset {name}")
+        env_dims = space_dims(env_space, field, f"environment {env.spec.id if env.spec else env}")
+        if data_dims != env_dims:
+            raise ValueError(f"dataset {name}: {field} {data_space} does not match the environment's {env_space}")
+
+
+def check_episode(name: str, index: int, episode: Episode, state_dim: int) -> None:
+    """Refuses episodes a model cannot learn from, naming the dataset, the episode and the field."""
+    where = f"dataset {name}, episode {index}"
+    if len(episode) < 2:
+        raise ValueError(f"{where}: field 'actions' has {len(episode)} step(s); episodes need at least 2")
+    if episode.states.shape != (len(episode), state_dim):
+        raise ValueError(f"{where}: field 'observations' must be ({len(episode)} + 1, {state_dim}), found "
+                         f"{(episode.states.shape[0] + 1,) + episode.states.shape[1:]}")
+    for field, values in (("observations", episode.states), ("rewards", episode.rewards),
+                          ("actions", episode.actions)):
+        if not np.isfinite(values).all():
+            bad = np.argwhere(~np.isfinite(values))[0].tolist()
+            raise ValueError(f"{where}: field '{field}' holds NaN or inf (first at index {bad})")
+
+
+def episodes_from_minari(name: str, raw_episodes, state_dim: int, discrete: bool) -> list[Episode]:
+    episodes = []
+    for index, raw in enumerate(raw_episodes):
+        actions = np.asarray(raw.actions)
+        episode = Episode(
+            states=np.asarray(raw.observations, dtype=np.float32)[: len(actions)],  # drop the final observation
+            actions=actions.astype(np.int64) if discrete else actions.astype(np.float32),
+            rewards=np.asarray(raw.rewards, dtype=np.float32),
+        )
+        check_episode(name, index, episode, state_dim)
+        episodes.append(episode)
+    if not episodes:
+        raise ValueError(f"dataset {name}: holds no episodes")
+    return episodes
+
+
+def load_offline_data(dataset: str, env_id: str | None = None, *, root: str | Path | None = None,
+                      download: bool = False) -> OfflineData:
+    """Loads and checks a Minari dataset; env_id defaults to the environment the dataset records."""
+    import minari
+
+    from polyformer.domains.rl.cartpole import CARTPOLE_DATASET, ensure_cartpole_dataset
+
+    if dataset == CARTPOLE_DATASET:
+        root = Path(root) if root is not None else local_minari_root()
+        ensure_cartpole_dataset(root)
+    root = Path(root) if root is not None else default_minari_root()
+    with minari_root(root):
+        try:
+            data = minari.load_dataset(dataset, download=download)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"dataset {dataset} is not under the Minari root {root} (set "
+                                    f"POLYFORMER_MINARI_PATH or the data module's root): {error}") from None
+    recorded_env = data.spec.env_spec.id if data.spec.env_spec is not None else None
+    env_id = env_id or recorded_env
+    if env_id is None:
+        raise ValueError(f"dataset {dataset} records no environment; pass env_id")
+    env = gym.make(env_id)
+    try:
+        check_spaces(dataset, data.observation_space, data.action_space, env)
+    finally:
+        env.close()
+    state_dim, _ = space_dims(data.observation_space, "observation_space", dataset)
+    action_dim, discrete = space_dims(data.action_space, "action_space", dataset)
+    metadata = data.storage.metadata
+    return OfflineData(
+        name=dataset, env_id=env_id,
+        episodes=episodes_from_minari(dataset, data.iterate_episodes(), state_dim, discrete),
+        discrete=discrete, state_dim=state_dim, action_dim=action_dim,
+        ref_min_score=metadata.get("ref_min_score"), ref_max_score=metadata.get("ref_max_score"),
+    )
+
+
+class SegmentDataset(Dataset):
+    """Item i: the segment of `segment` steps starting at the i-th step of the concatenated episodes."""
+
+    def __init__(self, episodes: list[Episode], segment: int):
+        if segment < 1:
+            raise ValueError(f"segment must be at least 1 step, found {segment}")
+        self.episodes, self.segment = episodes, segment
+        self.rtg = [e.returns_to_go for e in episodes]
+        lengths = np.array([len(e) for e in episodes])
+        self.episode_of = np.repeat(np.arange(len(episodes)), lengths)
+        self.start_of = np.concatenate([np.arange(n) for n in lengths])
+
+    def __len__(self) -> int:
+        return len(self.episode_of)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        episode = self.episodes[self.episode_of[index]]
+        start = int(self.start_of[index])
+        stop = min(start + self.segment, len(episode))
+        real, pad = stop - start, self.segment - (stop - start)
+
+        def padded(values: np.ndarray) -> Tensor:
+            values = values[start:stop]
+            return torch.from_numpy(np.concatenate((values, np.zeros((pad,) + values.shape[1:], values.dtype))))
+
+        return {
+            "states": padded(episode.states),  # (k s)
+            "actions": padded(episode.actions),  # (k a) or (k)
+            "returns_to_go": padded(self.rtg[self.episode_of[index]]),  # (k)
+            "timesteps": torch.arange(start, start + self.segment).clamp(max=len(episode) - 1),  # (k)
+            "padding_mask": torch.arange(self.segment) >= real,  # (k) True at padding
+        }
+
+
+@dataclass
+class DataStats:
+    """What a model stores about its training data."""
+
+    state_mean: Tensor
+    state_std: Tensor
+    return_scale: float
+
+
+class OfflineRLDataModule(L.LightningDataModule):
+    """Segments of a Minari dataset's episodes; a seeded fraction of whole episodes held out for validation."""
+
+    def __init__(
+        self,
+        dataset: str = "polyformer/cartpole/mixed-v0",  # a Minari id; this one is generated on first use
+        env_id: str | None = None,  # default: the environment the dataset records
+        root: str | None = None,  # a MINARI_DATASETS_PATH root; see default_minari_root()
+        segment: int = 20,  # steps per training sample (K)
+        reward_scale: float = 1000.0,  # returns-to-go are divided by it before embedding
+        batch_size: int = 64,
+        val_fraction: float = 0.0,  # whole episodes held out for a validation loss
+        num_workers: int = 0,
+        seed: int = 0,  # which episodes are held out
+        download: bool = False,  # let Minari download a dataset that is not under root
+    ):
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), found {val_fraction}")
+        if reward_scale <= 0:
+            raise ValueError(f"reward_scale must be positive, found {reward_scale}")
+        self.dataset, self.env_id, self.root, self.download = dataset, env_id, root, download
+        self.segment, self.reward_scale, self.batch_size = segment, reward_scale, batch_size
+        self.val_fraction, self.num_workers, self.seed = val_fraction, num_workers, seed
+        self.data: OfflineData | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data is not None:
+            return
+        self.data = load_offline_data(self.dataset, self.env_id, root=self.root, download=self.download)
+        order = np.random.default_rng(self.seed).permutation(len(self.data.episodes))
+        n_val = int(round(self.val_fraction * len(order)))
+        self.val_episodes = [self.data.episodes[i] for i in sorted(order[:n_val])]
+        self.train_episodes = [self.data.episodes[i] for i in sorted(order[n_val:])]
+        states = np.concatenate([e.states for e in self.train_episodes])
+        self.stats = DataStats(state_mean=torch.from_numpy(states.mean(0)),
+                               state_std=torch.from_numpy(states.std(0) + 1e-6), return_scale=self.reward_scale)
+
+    def train_dataloader(self):
+        return make_loader(SegmentDataset(self.train_episodes, self.segment), batch_size=self.batch_size,
+                           shuffle=True, num_workers=self.num_workers, drop_last=True)
+
+    def val_dataloader(self):
+        if not self.val_episodes:
+            return []
+        return make_loader(SegmentDataset(self.val_episodes, self.segment), batch_size=self.batch_size,
+                           shuffle=False, num_workers=self.num_workers)

@@ -1,0 +1,236 @@
+"""Gymnasium rollouts of trained policies, conditioned on target returns, with D4RL-normalised scores.
+
+The Decision Transformer is told a target return R_0; after each reward r_t the return-to-go it is conditioned on
+becomes R_{t+1} = R_t − r_t (the DT paper's protocol). All episodes of all targets run as one batch, in lockstep:
+episode i of every target resets with seed `seed + i`, so targets are compared on the same starts.
+
+    python -m polyformer.domains.rl.evaluate runs/rl/dt_cartpole/version_0/checkpoints/last.ckpt \
+        --targets 50 100 200 300 400 500 --episodes 20 --json eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import Tensor
+
+from polyformer.domains.rl.model import BehaviourCloning, DecisionTransformer
+
+# D4RL's reference returns (random policy, expert policy) from d4rl/infos.py (Fu et al. 2020,
+# https://github.com/Farama-Foundation/D4RL/blob/master/d4rl/infos.py, REF_MIN_SCORE / REF_MAX_SCORE).
+D4RL_REFERENCE = {
+    "HalfCheetah": (-280.178953, 12135.0),
+    "Hopper": (-20.272305, 3234.3),
+    "Walker2d": (1.629008, 4592.3),
+}
+
+
+def d4rl_normalized(env_id: str, returns: np.ndarray) -> np.ndarray | None:
+    """100 · (R − random) / (expert − random) for D4RL's MuJoCo tasks; None for other environments."""
+    family = env_id.split("-")[0]
+    if family not in D4RL_REFERENCE:
+        return None
+    low, high = D4RL_REFERENCE[family]
+    return 100.0 * (np.asarray(returns, dtype=np.float64) - low) / (high - low)
+
+
+@dataclass
+class RolloutConfig:
+    """How a trained policy is evaluated at the end of training (targets are fixed here, before evaluation)."""
+
+    targets: list[float] = field(default_factory=lambda: [500.0])  # target returns R_0 (the DT only)
+    episodes: int = 10  # episodes per target
+    seed: int = 10_000  # episode i resets with seed + i; the generated datasets use seeds below 10,000
+    sample: bool = False  # discrete actions: sample from the softmax (DT's Atari protocol) instead of argmax
+    cache: bool = True  # DT acts with the KV cache (False: recompute the context every step; same actions)
+
+
+def choose(output: Tensor, discrete: bool, sample: bool, generator: torch.Generator) -> Tensor:
+    """Action from the model output: a categorical draw or argmax of logits, or the (tanh'd) continuous action."""
+    if not discrete:
+        return output
+    if sample:
+        return torch.multinomial(output.float().softmax(-1).cpu(), 1, generator=generator)[:, 0].to(output.device)
+    return output.argmax(-1)
+
+
+class DTPolicy:
+    """Acts with a Decision Transformer for a batch of episodes, one target return per episode."""
+
+    def __init__(self, model: DecisionTransformer, targets: Tensor, *, cache: bool = True, sample: bool = False,
+                 seed: int = 0):
+        self.model, self.sample = model, sample
+        self.device = next(model.parameters()).device
+        self.returns_to_go = targets.float().to(self.device)  # (b)
+        self.cache = model.new_cache() if cache else None
+        self.generator = torch.Generator().manual_seed(seed)
+        self.t = 0
+        self.previous_action: Tensor | None = None
+        self.history: dict[str, list[Tensor]] = {"returns_to_go": [], "states": [], "actions": [], "timesteps": []}
+
+    @torch.no_grad()
+    def act(self, observation: Tensor) -> Tensor:
+        """observation (b s) → action (b a) or (b)."""
+        b = observation.shape[0]
+        state = observation.float().to(self.device)
+        timestep = torch.full((b,), min(self.t, self.model.max_ep_len - 1), device=self.device)
+        if self.cache is not None:
+            output = self.model.step(self.cache, self.returns_to_go, state, timestep, self.previous_action)
+        else:
+            output = self.recompute(state, timestep)
+        action = choose(output, self.model.discrete, self.sample, self.generator)
+        self.previous_action = action
+        if self.cache is None:
+            self.history["actions"].append(action)
+        self.t += 1
+        return action
+
+    def recompute(self, state: Tensor, timestep: Tensor) -> Tensor:
+        """A full forward over the steps an action can depend on (exact: older steps are out of its reach)."""
+        keep = self.model.receptive_steps
+        for key, value in (("returns_to_go", self.returns_to_go), ("states", state), ("timesteps", timestep)):
+            self.history[key] = (self.history[key] + [value])[-keep:]
+        self.history["actions"] = self.history["actions"][-(keep - 1):] if keep > 1 else []
+        steps = len(self.history["states"])
+        # the current action is unknown: a placeholder, which the causal mask hides from the state token before it
+        placeholder = torch.zeros(state.shape[0], dtype=torch.long, device=self.device) if self.model.discrete \
+            else state.new_zeros(state.shape[0], self.model.action_dim)
+        actions = self.history["actions"][len(self.history["actions"]) - (steps - 1):] + [placeholder]
+        return self.model(
+            torch.stack(self.history["returns_to_go"], dim=1), torch.stack(self.history["states"], dim=1),
+            torch.stack(actions, dim=1), torch.stack(self.history["timesteps"], dim=1),
+        )[:, -1]
+
+    def observe(self, reward: Tensor) -> None:
+        self.returns_to_go = self.returns_to_go - reward.float().to(self.device)
+
+
+class BCPolicy:
+    """Acts with the behaviour-cloning MLP; ignores target returns."""
+
+    def __init__(self, model: BehaviourCloning, *, sample: bool = False, seed: int = 0):
+        self.model, self.sample = model, sample
+        self.device = next(model.parameters()).device
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def act(self, observation: Tensor) -> Tensor:
+        return choose(self.model(observation.float().to(self.device)), self.model.discrete, self.sample,
+                      self.generator)
+
+    def observe(self, reward: Tensor) -> None:
+        pass
+
+
+def run_episodes(policy, env_id: str, seeds: list[int]) -> tuple[np.ndarray, np.ndarray, float]:
+    """Runs len(seeds) episodes in lockstep; returns their returns, lengths and the seconds per policy step."""
+    envs = [gym.make(env_id) for _ in seeds]
+    observations = np.stack([env.reset(seed=seed)[0] for env, seed in zip(envs, seeds)])
+    returns, lengths = np.zeros(len(seeds)), np.zeros(len(seeds), dtype=np.int64)
+    done = np.zeros(len(seeds), dtype=bool)
+    acting, steps = 0.0, 0
+    while not done.all():
+        start = time.perf_counter()
+        actions = policy.act(torch.from_numpy(observations)).cpu().numpy()
+        acting, steps = acting + time.perf_counter() - start, steps + 1
+        rewards = np.zeros(len(seeds))
+        for i, env in enumerate(envs):
+            if done[i]:
+                continue  # a finished episode keeps feeding its last observation; its actions are ignored
+            observations[i], rewards[i], terminated, truncated, _ = env.step(actions[i])
+            returns[i] += rewards[i]
+            lengths[i] += 1
+            done[i] = terminated or truncated
+        policy.observe(torch.from_numpy(rewards))
+    for env in envs:
+        env.close()
+    return returns, lengths, acting / max(1, steps)
+
+
+def summarize(env_id: str, target: float | None, returns: np.ndarray, lengths: np.ndarray) -> dict:
+    row = {"target": target, "episodes": len(returns), "return_mean": float(returns.mean()),
+           "return_std": float(returns.std()), "length_mean": float(lengths.mean()), "returns": returns.tolist()}
+    normalized = d4rl_normalized(env_id, returns)
+    if normalized is not None:
+        row["normalized_mean"], row["normalized_std"] = float(normalized.mean()), float(normalized.std())
+    return row
+
+
+def evaluate_dt(model: DecisionTransformer, env_id: str, config: RolloutConfig) -> list[dict]:
+    """One row per target: mean ± std return (and D4RL-normalised score) over config.episodes episodes."""
+    was_training = model.training
+    model.eval()
+    targets = torch.tensor(config.targets, dtype=torch.float32).repeat_interleave(config.episodes)
+    seeds = [config.seed + i for i in range(config.episodes)] * len(config.targets)
+    policy = DTPolicy(model, targets, cache=config.cache, sample=config.sample, seed=config.seed)
+    returns, lengths, seconds = run_episodes(policy, env_id, seeds)
+    model.train(was_training)
+    rows = []
+    for i, target in enumerate(config.targets):
+        part = slice(i * config.episodes, (i + 1) * config.episodes)
+        rows.append(summarize(env_id, target, returns[part], lengths[part]) | {"seconds_per_step": seconds})
+    return rows
+
+
+def evaluate_bc(model: BehaviourCloning, env_id: str, config: RolloutConfig) -> list[dict]:
+    was_training = model.training
+    model.eval()
+    returns, lengths, seconds = run_episodes(BCPolicy(model, sample=config.sample, seed=config.seed), env_id,
+                                             [config.seed + i for i in range(config.episodes)])
+    model.train(was_training)
+    return [summarize(env_id, None, returns, lengths) | {"seconds_per_step": seconds}]
+
+
+def format_rows(name: str, rows: list[dict]) -> str:
+    lines = [f"{name}: target | return mean ± std | D4RL-normalised | mean length"]
+    for row in rows:
+        target = "-" if row["target"] is None else f"{row['target']:g}"
+        normalized = f"{row['normalized_mean']:.1f} ± {row['normalized_std']:.1f}" if "normalized_mean" in row \
+            else "-"
+        lines.append(f"  {target:>8} | {row['return_mean']:9.1f} ± {row['return_std']:7.1f} | {normalized:>12} | "
+                     f"{row['length_mean']:.0f}")
+    return "\n".join(lines)
+
+
+def load_task(path: str) -> Callable:
+    """The DT or BC task stored in a checkpoint (by the class LightningCLI recorded, else by its weights)."""
+    from polyformer.domains.rl.task import BCTask, DecisionTransformerTask
+    from polyformer.training import load_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    class_path = str(checkpoint.get("hyper_parameters", {}).get("_class_path", ""))
+    is_bc = class_path.endswith("BCTask") or (not class_path and any(
+        k.startswith("model.mlp.") for k in checkpoint["state_dict"]))
+    return (BCTask if is_bc else DecisionTransformerTask).load_from_checkpoint(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Evaluate a DT or BC checkpoint in its gymnasium environment.")
+    parser.add_argument("checkpoint")
+    parser.add_argument("--targets", type=float, nargs="+", help="target returns (default: the task's config)")
+    parser.add_argument("--episodes", type=int, help="episodes per target (default: the task's config)")
+    parser.add_argument("--seed", type=int, help="first episode seed (default: the task's config)")
+    parser.add_argument("--sample", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--json", help="write the rows to this file")
+    args = parser.parse_args(argv)
+    task = load_task(args.checkpoint)
+    config = task.evaluation or RolloutConfig()
+    for key in ("targets", "episodes", "seed", "sample"):
+        if getattr(args, key) is not None:
+            setattr(config, key, getattr(args, key))
+    rows = task.rollouts(config)
+    print(format_rows(f"{type(task).__name__} on {task.env_id}", rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

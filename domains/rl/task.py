@@ -1,0 +1,126 @@
+"""Lightning tasks: the Decision Transformer and its behaviour-cloning baseline, trained offline, evaluated online.
+
+Both read their environment's spaces from gymnasium at construction, take the dataset's state statistics and
+reward scale from the data module when fitting (stored as buffers, so a checkpoint acts on its own), and run
+gymnasium rollouts when fitting ends if `evaluation` is set: a table on stdout and eval.json in the run's folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gymnasium as gym
+import torch.nn.functional as F
+from torch import Tensor
+
+from polyformer.domains.rl.data import OfflineRLDataModule, space_dims
+from polyformer.domains.rl.evaluate import RolloutConfig, evaluate_bc, evaluate_dt, format_rows
+from polyformer.domains.rl.model import BehaviourCloning, DecisionTransformer
+from polyformer.training import OptimizerConfig, PolyformerTask
+from polyformer.transformer import TransformerConfig
+
+
+def action_loss(output: Tensor, actions: Tensor, real: Tensor, discrete: bool) -> Tensor:
+    """Cross-entropy (discrete) or mean squared error (continuous) over the real (non-padding) steps."""
+    if discrete:
+        return F.cross_entropy(output[real], actions[real].long())
+    return F.mse_loss(output[real], actions[real])
+
+
+class OfflineRLTask(PolyformerTask):
+    """What the DT and BC tasks share: environment spaces, dataset statistics, end-of-fit rollouts."""
+
+    def __init__(self, env_id: str, evaluation: RolloutConfig | None, optimizer: OptimizerConfig | None):
+        super().__init__(optimizer)
+        self.env_id, self.evaluation = env_id, evaluation
+        env = gym.make(env_id)
+        self.state_dim, _ = space_dims(env.observation_space, "observation_space", f"environment {env_id}")
+        self.action_dim, self.discrete = space_dims(env.action_space, "action_space", f"environment {env_id}")
+        self.max_episode_steps = env.spec.max_episode_steps if env.spec is not None else None
+        env.close()
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if stage != "fit" or not isinstance(datamodule, OfflineRLDataModule):
+            return
+        data = datamodule.data
+        if data.env_id != self.env_id or (data.state_dim, data.action_dim, data.discrete) != \
+                (self.state_dim, self.action_dim, self.discrete):
+            raise ValueError(f"dataset {data.name} records {data.env_id} (state {data.state_dim}, action "
+                             f"{data.action_dim}, discrete={data.discrete}) but the task acts in {self.env_id} "
+                             f"(state {self.state_dim}, action {self.action_dim}, discrete={self.discrete})")
+        stats = datamodule.stats
+        self.model.normalizer.set(stats.state_mean, stats.state_std, stats.return_scale)
+
+    def rollouts(self, config: RolloutConfig) -> list[dict]:
+        raise NotImplementedError
+
+    def on_fit_end(self) -> None:
+        if self.evaluation is None or not self.trainer.is_global_zero:
+            return
+        rows = self.rollouts(self.evaluation)
+        print(format_rows(f"{type(self).__name__} on {self.env_id}", rows))
+        if self.trainer.log_dir is not None:
+            Path(self.trainer.log_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(self.trainer.log_dir) / "eval.json", "w") as f:
+                json.dump(rows, f, indent=1)
+
+
+class DecisionTransformerTask(OfflineRLTask):
+    """Decision Transformer: loss on the actions only (cross-entropy or MSE), as in the paper."""
+
+    def __init__(
+        self,
+        env_id: str = "CartPole-v1",
+        context: int = 20,  # K: steps of attention window
+        max_ep_len: int = 1000,  # size of the timestep embedding table
+        encoder: TransformerConfig | None = None,  # causal and window are set from context
+        evaluation: RolloutConfig | None = None,
+        optimizer: OptimizerConfig | None = None,
+    ):
+        super().__init__(env_id, evaluation, optimizer)
+        if self.max_episode_steps is not None and max_ep_len < self.max_episode_steps:
+            raise ValueError(f"max_ep_len={max_ep_len} is shorter than {env_id}'s {self.max_episode_steps} steps")
+        self.encoder_config = encoder or TransformerConfig(dim=128, depth=3, heads=1, activation="relu")
+        self.model = DecisionTransformer(self.state_dim, self.action_dim, discrete=self.discrete,
+                                         encoder=self.encoder_config, context=context, max_ep_len=max_ep_len)
+
+    def step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        output = self.model(batch["returns_to_go"], batch["states"], batch["actions"], batch["timesteps"],
+                            batch["padding_mask"])
+        real = ~batch["padding_mask"]
+        loss = action_loss(output, batch["actions"], real, self.discrete)
+        if self.discrete:
+            on_epoch = stage != "train"
+            accuracy = (output.argmax(-1) == batch["actions"])[real].float().mean()
+            self.log(f"{stage}/action_acc", accuracy, on_epoch=on_epoch, batch_size=real.shape[0])
+        return loss
+
+    def rollouts(self, config: RolloutConfig) -> list[dict]:
+        return evaluate_dt(self.model, self.env_id, config)
+
+
+class BCTask(OfflineRLTask):
+    """Behaviour cloning: the MLP imitates every action of the same segments the DT trains on."""
+
+    def __init__(
+        self,
+        env_id: str = "CartPole-v1",
+        hidden: int = 256,
+        depth: int = 2,
+        dropout: float = 0.1,
+        evaluation: RolloutConfig | None = None,
+        optimizer: OptimizerConfig | None = None,
+    ):
+        super().__init__(env_id, evaluation, optimizer)
+        self.model = BehaviourCloning(self.state_dim, self.action_dim, discrete=self.discrete, hidden=hidden,
+                                      depth=depth, dropout=dropout)
+
+    def step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        real = ~batch["padding_mask"]
+        return action_loss(self.model(batch["states"]), batch["actions"], real, self.discrete)
+
+    def rollouts(self, config: RolloutConfig) -> list[dict]:
+        return evaluate_bc(self.model, self.env_id, config)
+
