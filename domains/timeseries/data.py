@@ -1,0 +1,243 @@
+"""Forecasting data: ETT-format tables (a date column plus numeric channels) cut into (lookback, horizon) windows.
+
+Splits follow the PatchTST / Time-Series-Library code (`data_provider/data_loader.py`):
+- ETTh*: 12 / 4 / 4 months of hourly rows: train [0, 8640), val [8640 − L, 11520), test [11520 − L, 14400);
+- ETTm*: the same months in 15-minute rows (× 4);
+- any other table: 70 / 10 / 20 % chronologically, val and test starting L rows early so their first window's
+  lookback lies in the previous split.
+The scaler (per-channel mean and std) is fitted on the train rows only; every metric is on the scaled values.
+Windows: x = rows [i, i + L), y = rows [i + L, i + L + H) of a split, for every i (the test loader drops nothing).
+
+Bad tables (missing values, non-numeric cells, unparseable / unsorted / duplicated timestamps, too few rows) raise a
+ValueError naming the column and row, unless `fill` opts in to forward-filling or interpolating missing values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from polyformer.data import make_loader
+
+Features = Literal["M", "S"]  # M: every channel in, every channel out; S: the target channel only
+SplitKind = Literal["auto", "etth", "ettm", "ratio"]
+FillPolicy = Literal["error", "ffill", "interpolate"]
+SPLITS = ("train", "val", "test")
+HOURS_PER_MONTH = 30 * 24
+
+
+def split_borders(rows: int, lookback: int, kind: Literal["etth", "ettm", "ratio"]) -> dict[str, tuple[int, int]]:
+    """[start, end) row ranges of train / val / test; val and test start `lookback` rows early (TSLib's borders)."""
+    if kind in ("etth", "ettm"):
+        month = HOURS_PER_MONTH * (4 if kind == "ettm" else 1)
+        train, val, test = 12 * month, 16 * month, 20 * month
+        if rows < test:
+            raise ValueError(f"the {kind} split needs at least {test} rows (12/4/4 months), found {rows}; "
+                             f"set split: ratio for a shorter file")
+    else:
+        train, num_test = int(rows * 0.7), int(rows * 0.2)
+        val, test = rows - num_test, rows
+    return {"train": (0, train), "val": (train - lookback, val), "test": (val - lookback, test)}
+
+
+def resolve_split(kind: SplitKind, name: str) -> Literal["etth", "ettm", "ratio"]:
+    """'auto' picks the ETT protocol from the file name (ETTh1.csv → etth), as TSLib does, else 70/10/20."""
+    if kind != "auto":
+        return kind
+    stem = Path(name).stem.lower()
+    return "etth" if stem.startswith("etth") else "ettm" if stem.startswith("ettm") else "ratio"
+
+
+def validate_frame(frame: pd.DataFrame, *, date_column: str | None, fill: FillPolicy, source: str) -> pd.DataFrame:
+    """Checks timestamps and values; returns the numeric channels (float64), rows in file order.
+
+    Row numbers in messages count data rows from 0 (line row + 2 of a CSV file with a header).
+    """
+    if date_column is not None:
+        if date_column not in frame.columns:
+            raise ValueError(f"{source}: expected a date column {date_column!r}, found columns {list(frame.columns)}")
+        dates = pd.to_datetime(frame[date_column], errors="coerce")
+        if dates.isna().any():
+            row = int(np.flatnonzero(dates.isna().to_numpy())[0])
+            raise ValueError(f"{source}: column {date_column!r} row {row}: expected a timestamp, found "
+                             f"{frame[date_column].iloc[row]!r}")
+        step = dates.diff().to_numpy()[1:]
+        if (step == np.timedelta64(0)).any():
+            row = int(np.flatnonzero(step == np.timedelta64(0))[0]) + 1
+            raise ValueError(f"{source}: column {date_column!r} row {row}: duplicated timestamp {dates.iloc[row]} "
+                             f"(same as row {row - 1})")
+        if (step < np.timedelta64(0)).any():
+            row = int(np.flatnonzero(step < np.timedelta64(0))[0]) + 1
+            raise ValueError(f"{source}: column {date_column!r} row {row}: timestamps must increase, found "
+                             f"{dates.iloc[row]} after {dates.iloc[row - 1]}")
+        frame = frame.drop(columns=[date_column])
+    if frame.shape[1] == 0:
+        raise ValueError(f"{source}: expected at least one numeric channel besides the date, found none")
+    values = {}
+    for column in frame.columns:
+        raw = frame[column]
+        numeric = pd.to_numeric(raw, errors="coerce")
+        bad = numeric.isna() & raw.notna()
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise ValueError(f"{source}: column {column!r} row {row}: expected a number, found {raw.iloc[row]!r}")
+        missing = numeric.isna()
+        if missing.any():
+            if fill == "error":
+                row = int(np.flatnonzero(missing.to_numpy())[0])
+                raise ValueError(f"{source}: column {column!r} has {int(missing.sum())} missing values, the first at "
+                                 f"row {row}; set fill: ffill or fill: interpolate to fill them")
+            numeric = numeric.interpolate(limit_direction="both") if fill == "interpolate" else numeric.ffill().bfill()
+            if numeric.isna().any():
+                raise ValueError(f"{source}: column {column!r} has no value at all to fill from")
+        values[column] = numeric.astype("float64")
+    return pd.DataFrame(values)
+
+
+class WindowDataset(Dataset):
+    """Every (lookback, horizon) window of a (rows, channels) array: x (L, c) and y (H, c), float32."""
+
+    def __init__(self, values: np.ndarray, lookback: int, horizon: int):
+        self.values = torch.as_tensor(values, dtype=torch.float32)
+        self.lookback, self.horizon = lookback, horizon
+
+    def __len__(self) -> int:
+        return max(0, self.values.shape[0] - self.lookback - self.horizon + 1)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"window {i} out of range for {len(self)} windows")
+        i = i % len(self)
+        x = self.values[i : i + self.lookback]
+        return x, self.values[i + self.lookback : i + self.lookback + self.horizon]
+
+
+class ForecastDataModule(L.LightningDataModule):
+    """Standard splits, a train-only scaler and windows of a table; subclasses say where the table comes from."""
+
+    def __init__(
+        self,
+        *,
+        lookback: int = 336,
+        horizon: int = 96,
+        features: Features = "M",
+        target: str | None = "OT",
+        split: SplitKind = "auto",
+        fill: FillPolicy = "error",
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        if lookback < 1 or horizon < 1:
+            raise ValueError(f"lookback and horizon must be positive, found lookback={lookback}, horizon={horizon}")
+        if features not in ("M", "S"):
+            raise ValueError(f"features must be 'M' (multivariate) or 'S' (univariate target), found {features!r}")
+        self.lookback, self.horizon, self.features, self.target = lookback, horizon, features, target
+        self.split, self.fill = split, fill
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.datasets: dict[str, WindowDataset] = {}
+
+    # ---- what a subclass provides ------------------------------------------------------------------------------
+    def load_frame(self) -> tuple[pd.DataFrame, str | None, str]:
+        """(table, its date column or None, a name for messages and split detection)."""
+        raise NotImplementedError
+
+    # ---- shared -------------------------------------------------------------------------------------------------
+    def prepare_values(self) -> tuple[np.ndarray, list[str], dict[str, tuple[int, int]]]:
+        """Validated, selected and scaled values (rows, c), channel names and split borders."""
+        frame, date_column, name = self.load_frame()
+        channels = validate_frame(frame, date_column=date_column, fill=self.fill, source=name)
+        if self.features == "S":
+            target = self.target or channels.columns[-1]
+            if target not in channels.columns:
+                raise ValueError(f"{name}: features 'S' needs target column {target!r}, found {list(channels.columns)}")
+            channels = channels[[target]]
+        rows = len(channels)
+        if rows < self.lookback + self.horizon:
+            raise ValueError(f"{name}: has {rows} rows, fewer than lookback + horizon = "
+                             f"{self.lookback} + {self.horizon} = {self.lookback + self.horizon}")
+        borders = split_borders(rows, self.lookback, resolve_split(self.split, name))
+        values = channels.to_numpy()
+        train = values[slice(*borders["train"])]
+        self.mean, self.std = train.mean(axis=0), train.std(axis=0)  # StandardScaler (population std)
+        if (self.std == 0).any():
+            column = channels.columns[int(np.flatnonzero(self.std == 0)[0])]
+            raise ValueError(f"{name}: column {column!r} is constant over the train split; it cannot be scaled")
+        return (values - self.mean) / self.std, list(channels.columns), borders
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        values, self.channels, self.borders = self.prepare_values()
+        for split in SPLITS:
+            dataset = WindowDataset(values[slice(*self.borders[split])], self.lookback, self.horizon)
+            if len(dataset) == 0:
+                start, end = self.borders[split]
+                raise ValueError(f"the {split} split (rows {start}..{end}) holds no window of lookback + horizon = "
+                                 f"{self.lookback + self.horizon} rows")
+            self.datasets[split] = dataset
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channels)
+
+    def train_dataloader(self):
+        return make_loader(self.datasets["train"], batch_size=self.batch_size, shuffle=True,
+                           num_workers=self.num_workers, drop_last=True)
+
+    def val_dataloader(self):
+        return make_loader(self.datasets["val"], batch_size=self.eval_batch_size, shuffle=False,
+                           num_workers=self.num_workers)
+
+    def test_dataloader(self):
+        # every test window is kept (PatchTST's code drops the last partial batch, which changes the figure)
+        return make_loader(self.datasets["test"], batch_size=self.eval_batch_size, shuffle=False,
+                           num_workers=self.num_workers, drop_last=False)
+
+
+class CSVForecastDataModule(ForecastDataModule):
+    """An ETT-format CSV file: a date column plus numeric channels (`path` relative paths resolve from the cwd)."""
+
+    def __init__(self, path: str, *, date_column: str = "date", **kwargs):
+        super().__init__(**kwargs)
+        self.path, self.date_column = path, date_column
+
+    def load_frame(self) -> tuple[pd.DataFrame, str | None, str]:
+        path = Path(self.path)
+        if not path.is_file():
+            raise FileNotFoundError(f"data.path: expected an ETT-format CSV file, found nothing at {path.resolve()}")
+        return pd.read_csv(path), self.date_column, str(path)
+
+
+BundledName = Literal["co2", "sunspots"]
+
+
+class BundledForecastDataModule(ForecastDataModule):
+    """A real univariate series shipped inside statsmodels (no network): Mauna Loa weekly CO2 (1958–2001, 2,284
+    weeks, 59 missing: needs `fill`) or yearly sunspot numbers (1700–2008, 309 years)."""
+
+    def __init__(self, name: BundledName = "co2", *, target: str | None = None, split: SplitKind = "ratio", **kwargs):
+        super().__init__(target=target, split=split, **kwargs)
+        self.name = name
+
+    def load_frame(self) -> tuple[pd.DataFrame, str | None, str]:
+        from statsmodels import datasets
+
+        if self.name == "co2":
+            frame = datasets.co2.load_pandas().data.rename_axis("date").reset_index()
+        elif self.name == "sunspots":
+            data = datasets.sunspots.load_pandas().data
+            frame = pd.DataFrame({"date": pd.to_datetime(data["YEAR"].astype(int).astype(str), format="%Y"),
+                                  "sunspots": data["SUNACTIVITY"]})
+        else:
+            raise ValueError(f"bundled series: expected 'co2' or 'sunspots', found {self.name!r}")
+        return frame, "date", f"statsmodels:{self.name}"

@@ -1,0 +1,76 @@
+"""Forecasting tasks: MSE training, MSE and MAE on the scaled values for validation and test.
+
+One task per model so that LightningCLI reads each model's typed config directly:
+
+    model:
+      class_path: polyformer.domains.timeseries.PatchTSTTask
+      init_args: {model: {lookback: 336, horizon: 96, ...}, optimizer: {lr: 1.0e-4}}
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from polyformer.domains.timeseries.model import (
+    DLinear,
+    DLinearConfig,
+    EncoderDecoderConfig,
+    EncoderDecoderForecaster,
+    PatchTST,
+    PatchTSTConfig,
+)
+from polyformer.training import OptimizerConfig, PolyformerTask
+
+
+class ForecastTask(PolyformerTask):
+    """Batches are (x (b L c), y (b H c)); the loss is the MSE of the forecast."""
+
+    model: nn.Module
+
+    def step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        x, y = batch
+        forecast = self.model(x)
+        loss = F.mse_loss(forecast, y)
+        if stage != "train":
+            # epoch means weighted by batch size: exactly the mean over every window and channel of the split
+            self.log(f"{stage}/mse", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+            self.log(f"{stage}/mae", F.l1_loss(forecast, y), on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+        return loss
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def setup(self, stage: str) -> None:
+        """The data's windows and channels must be the ones the model was built for."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "lookback"):
+            return
+        config = self.model.config
+        for name in ("lookback", "horizon"):
+            if getattr(datamodule, name) != getattr(config, name):
+                raise ValueError(f"data.{name}={getattr(datamodule, name)} but model.{name}={getattr(config, name)}; "
+                                 f"set both to the same value")
+        if hasattr(config, "channels"):
+            datamodule.setup(stage)
+            if datamodule.num_channels != config.channels:
+                raise ValueError(f"the data has {datamodule.num_channels} channels ({datamodule.channels}) but "
+                                 f"model.channels={config.channels}")
+
+
+class PatchTSTTask(ForecastTask):
+    def __init__(self, model: PatchTSTConfig | None = None, optimizer: OptimizerConfig | None = None):
+        super().__init__(optimizer)
+        self.model = PatchTST(model or PatchTSTConfig())
+
+
+class DLinearTask(ForecastTask):
+    def __init__(self, model: DLinearConfig | None = None, optimizer: OptimizerConfig | None = None):
+        super().__init__(optimizer)
+        self.model = DLinear(model or DLinearConfig())
+
+
+class EncoderDecoderTask(ForecastTask):
+    def __init__(self, model: EncoderDecoderConfig | None = None, optimizer: OptimizerConfig | None = None):
+        super().__init__(optimizer)
+        self.model = EncoderDecoderForecaster(model or EncoderDecoderConfig())

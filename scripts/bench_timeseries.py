@@ -1,0 +1,202 @@
+"""Time-series benchmark: PatchTST and DLinear on an ETT-format file against the published figures, a forecast plot,
+and training throughput of our PatchTST against HF transformers' PatchTSTForPrediction.
+
+    python scripts/bench_timeseries.py [--quick] [--csv PATH] [--horizons 96,192,336,720] [--json PATH]
+
+Each horizon trains configs/timeseries/patchtst_etth1_{H}.yaml and dlinear_etth1_96.yaml (horizon overridden) with
+`polyformer`'s own CLI objects, then tests the checkpoint with the best validation MSE on every test window.
+Throughput: both models built the same way (L 336, patch 16, stride 8, 41 patches: our end padding is off here because
+HF has none; d 16, 4 heads, 3 layers, ffn 128, post-norm BatchNorm, dropout 0.3, RevIN / std scaling, MSE, AdamW),
+one training step each in turn on the same batch, medians over the timed steps; ratio = our samples/s ÷ HF's.
+--quick trains a few batches and tests a few batches: a smoke run of the whole script, not a result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs" / "timeseries"
+
+# PatchTST paper (Nie et al., ICLR 2023) Table 3, ETTh1 multivariate, (MSE, MAE); DLinear as reported there
+PUBLISHED = {
+    "PatchTST/64": {96: (0.370, 0.400), 192: (0.413, 0.429), 336: (0.422, 0.440), 720: (0.447, 0.468)},
+    "PatchTST/42": {96: (0.375, 0.399), 192: (0.414, 0.421), 336: (0.431, 0.436), 720: (0.449, 0.466)},
+    "DLinear": {96: (0.375, 0.399), 192: (0.405, 0.416), 336: (0.439, 0.443), 720: (0.472, 0.490)},
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few batches per stage: checks the script, no result")
+    parser.add_argument("--csv", default=None, help="ETT-format CSV (default: $POLYFORMER_ETT_CSV or ETTh1)")
+    parser.add_argument("--horizons", default=None, help="comma-separated H (default 96,192,336,720; --quick: 96)")
+    parser.add_argument("--json", default=None, help="write the figures to this JSON file")
+    parser.add_argument("--out", default="bench_out/timeseries", help="folder for runs and the forecast PNG")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 is fastest on a shared, oversubscribed machine)")
+    parser.add_argument("--throughput-steps", type=int, default=None, help="timed steps per model (default 20)")
+    return parser.parse_args()
+
+
+def default_csv() -> Path:
+    from polyformer.data import shared_data_dir
+
+    return Path(os.environ.get("POLYFORMER_ETT_CSV", shared_data_dir() / "ett" / "ETTh1.csv"))
+
+
+def build(config: Path, horizon: int, csv: Path, out: Path, quick: bool):
+    """The CLI's model, data and trainer for `config` at horizon H, without running a subcommand."""
+    from polyformer.cli import PolyformerCLI
+
+    args = ["-c", str(config), f"--model.init_args.model.horizon={horizon}", f"--data.init_args.horizon={horizon}",
+            f"--data.init_args.path={csv}", f"--run.root={out / 'runs'}", f"--run.name={config.stem}_h{horizon}",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    if quick:
+        args += ["--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=2",
+                 "--trainer.limit_test_batches=2"]
+    return PolyformerCLI(args=args, run=False)
+
+
+def train_and_test(config: Path, horizon: int, csv: Path, out: Path, quick: bool) -> tuple[dict, float, object]:
+    cli = build(config, horizon, csv, out, quick)
+    start = time.perf_counter()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    seconds = time.perf_counter() - start
+    metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)[0]
+    return metrics, seconds, cli
+
+
+def plot_forecast(patchtst_cli, dlinear_cli, horizon: int, path: Path) -> None:
+    """Lookback tail, truth and both forecasts of the last channel (OT for ETT) for the middle test window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = patchtst_cli.datamodule
+    test = data.datasets["test"]
+    x, y = test[len(test) // 2]
+    with torch.no_grad():
+        ours = patchtst_cli.model.eval()(x[None])[0, :, -1]
+        linear = dlinear_cli.model.eval()(x[None])[0, :, -1]
+    tail = min(len(x), 2 * horizon)
+    past = range(-tail, 0)
+    future = range(0, horizon)
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    ax.plot(past, x[-tail:, -1], color="black", lw=1, label="lookback")
+    ax.plot(future, y[:, -1], color="black", lw=1, ls="--", label="truth")
+    ax.plot(future, ours, color="tab:blue", label="PatchTST (ours)")
+    ax.plot(future, linear, color="tab:orange", label="DLinear (ours)")
+    ax.set(xlabel="steps from the forecast origin", ylabel=f"{data.channels[-1]} (scaled)",
+           title=f"test window {len(test) // 2}, H = {horizon}")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def throughput(steps: int, warmup: int, batch: int = 128) -> dict:
+    """Alternating training steps of our PatchTST and HF's PatchTSTForPrediction, identically configured."""
+    from transformers import PatchTSTConfig as HFConfig
+    from transformers import PatchTSTForPrediction
+
+    from polyformer.domains.timeseries import PatchTST, PatchTSTConfig
+    from polyformer.transformer import TransformerConfig
+
+    torch.manual_seed(0)
+    encoder = TransformerConfig(dim=16, depth=3, heads=4, mlp_ratio=8.0, prenorm=False, dropout=0.3,
+                                position="learned")
+    ours = PatchTST(PatchTSTConfig(lookback=336, horizon=96, patch_len=16, stride=8, padding="none", encoder=encoder,
+                                   encoder_norm="batchnorm", embed_dropout=0.3)).train()
+    hf_config = HFConfig(num_input_channels=7, context_length=336, prediction_length=96, patch_length=16,
+                         patch_stride=8, d_model=16, num_attention_heads=4, num_hidden_layers=3, ffn_dim=128,
+                         norm_type="batchnorm", pre_norm=False, positional_encoding_type="random",
+                         use_cls_token=False, pooling_type=None, scaling="std", loss="mse", do_mask_input=False,
+                         attention_dropout=0.0, positional_dropout=0.3, path_dropout=0.3, ff_dropout=0.3,
+                         head_dropout=0.0, share_projection=True, attn_implementation="sdpa")
+    hf = PatchTSTForPrediction(hf_config).train()
+    assert hf.config._attn_implementation == "sdpa", hf.config._attn_implementation
+    x, y = torch.randn(batch, 336, 7), torch.randn(batch, 96, 7)
+    optimizers = {"ours": torch.optim.AdamW(ours.parameters(), 1e-4), "hf": torch.optim.AdamW(hf.parameters(), 1e-4)}
+    losses = {"ours": lambda: F.mse_loss(ours(x), y), "hf": lambda: hf(past_values=x, future_values=y).loss}
+    times: dict[str, list[float]] = {"ours": [], "hf": []}
+    for i in range(warmup + steps):
+        for name in ("ours", "hf") if i % 2 == 0 else ("hf", "ours"):  # alternate who goes first
+            start = time.perf_counter()
+            loss = losses[name]()
+            optimizers[name].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[name].step()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {"batch": batch, "steps": steps, "threads": torch.get_num_threads(),
+            "ours_samples_per_s": batch / medians["ours"], "hf_samples_per_s": batch / medians["hf"],
+            "ratio": medians["hf"] / medians["ours"],
+            "params": {"ours": sum(p.numel() for p in ours.parameters()),
+                       "hf": sum(p.numel() for p in hf.parameters())}}
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    csv = Path(args.csv) if args.csv else default_csv()
+    if not csv.is_file():
+        raise SystemExit(f"--csv: expected an ETT-format CSV file, found nothing at {csv}")
+    horizons = [int(h) for h in (args.horizons or ("96" if args.quick else "96,192,336,720")).split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    results: dict = {"horizons": {}, "csv": str(csv), "quick": args.quick}
+    for horizon in horizons:
+        config = CONFIGS / f"patchtst_etth1_{horizon}.yaml"
+        config = config if config.is_file() else CONFIGS / "patchtst_etth1_96.yaml"
+        patchtst, seconds, patchtst_cli = train_and_test(config, horizon, csv, out, args.quick)
+        dlinear, dlinear_seconds, dlinear_cli = train_and_test(CONFIGS / "dlinear_etth1_96.yaml", horizon, csv, out,
+                                                               args.quick)
+        results["horizons"][str(horizon)] = {
+            "mse": patchtst["test/mse"], "mae": patchtst["test/mae"], "train_seconds": seconds,
+            "dlinear_mse": dlinear["test/mse"], "dlinear_mae": dlinear["test/mae"],
+            "dlinear_train_seconds": dlinear_seconds,
+            "test_windows": len(patchtst_cli.datamodule.datasets["test"]),
+        }
+        if horizon == horizons[0]:
+            plot_forecast(patchtst_cli, dlinear_cli, horizon, out / f"forecast_h{horizon}.png")
+            results["plot"] = str(out / f"forecast_h{horizon}.png")
+
+    steps = args.throughput_steps or (4 if args.quick else 20)
+    speed = throughput(steps, warmup=1 if args.quick else 3)
+    results["train_ratio_vs_hf"] = speed["ratio"]
+    results["throughput"] = speed
+
+    print(f"\n{csv.name}, L = 336, MSE / MAE on all test windows (published: PatchTST paper Table 3)")
+    print(f"{'H':>5} | {'PatchTST ours':>15} | {'DLinear ours':>15} | {'PatchTST/42':>13} | {'PatchTST/64':>13} | "
+          f"{'DLinear pub.':>13} | {'train s':>8}")
+    for horizon in horizons:
+        r = results["horizons"][str(horizon)]
+        published = [PUBLISHED[name].get(horizon) for name in ("PatchTST/42", "PatchTST/64", "DLinear")]
+        cells = [f"{p[0]:.3f} / {p[1]:.3f}" if p else "-" for p in published]
+        print(f"{horizon:>5} | {r['mse']:.3f} / {r['mae']:.3f} | {r['dlinear_mse']:.3f} / {r['dlinear_mae']:.3f} | "
+              f"{cells[0]:>13} | {cells[1]:>13} | {cells[2]:>13} | {r['train_seconds']:>8.0f}")
+    print(f"\ntraining throughput, batch {speed['batch']}, {speed['threads']} thread(s), median of {steps} steps: "
+          f"ours {speed['ours_samples_per_s']:.0f} samples/s, HF PatchTSTForPrediction (sdpa) "
+          f"{speed['hf_samples_per_s']:.0f} samples/s, ratio {speed['ratio']:.2f}")
+    if "plot" in results:
+        print(f"forecast plot: {results['plot']}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"figures: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
