@@ -1,1 +1,12 @@
-"""vision domain (work in progress)."""
+"""Vision: ViT and DeiT on the Polyformer core, timm-compatible (weights move both ways by state dict)."""
+
+from polyformer.domains.vision.data import (
+    AugmentConfig,
+    CIFARDataModule,
+    DigitsDataModule,
+    ImageClassificationDataModule,
+    ImageFolderDataModule,
+    MixupConfig,
+)
+from polyformer.domains.vision.model import PatchEmbed, ViTConfig, VisionTransformer
+from polyformer.domains.vision.task import DistillationConfig, ImageClassificationTask

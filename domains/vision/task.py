@@ -1,0 +1,112 @@
+"""Image classification with a ViT: cross-entropy with label smoothing or soft (Mixup/CutMix) targets, top-1/top-5
+accuracy, optional initial weights (`init_from`) and DeiT hard-label distillation from a frozen teacher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from polyformer.domains.vision.model import ViTConfig, VisionTransformer
+from polyformer.domains.vision.timm_compat import load_init
+from polyformer.training import OptimizerConfig, PolyformerTask
+
+
+@dataclass
+class DistillationConfig:
+    """DeiT hard-label distillation (Touvron et al. 2021, §5.2): the class head learns the labels, the distillation
+    head the teacher's argmax: loss = (1 − alpha)·CE(class head, labels) + alpha·CE(dist head, teacher argmax)."""
+
+    teacher: str  # "timm:<model name>" (timm's pretrained weights: needs network) or a checkpoint of this task
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"distillation.alpha must be in [0, 1], found {self.alpha}")
+
+
+def build_teacher(source: str, num_classes: int) -> nn.Module:
+    """A frozen classifier in eval mode from `timm:<name>` or from a checkpoint of ImageClassificationTask."""
+    if source.startswith("timm:"):
+        import timm
+
+        teacher = timm.create_model(source.removeprefix("timm:"), pretrained=True, num_classes=num_classes)
+    else:
+        teacher = ImageClassificationTask.load_from_checkpoint(source).model
+    return teacher.eval().requires_grad_(False)
+
+
+class ImageClassificationTask(PolyformerTask):
+    """A VisionTransformer classifier; `vit` is its architecture (timm's argument names)."""
+
+    def __init__(self, vit: ViTConfig | None = None, label_smoothing: float = 0.0, init_from: str | None = None,
+                 distillation: DistillationConfig | None = None, optimizer: OptimizerConfig | None = None):
+        super().__init__(optimizer)
+        self.vit_config = vit if vit is not None else ViTConfig()
+        if distillation is not None and not self.vit_config.distilled:
+            raise ValueError("distillation needs a distillation token: set vit.distilled=true (found distilled=False)")
+        self.label_smoothing, self.init_from, self.distillation = label_smoothing, init_from, distillation
+        self.model = VisionTransformer(self.vit_config)
+        k = self.vit_config.num_classes
+        self.metrics = nn.ModuleDict({
+            f"{stage}_{name}": MulticlassAccuracy(k, top_k=top_k, average="micro")
+            for stage in ("train", "val", "test") for name, top_k in (("acc1", 1), ("acc5", 5)) if top_k <= k
+        })
+        self._teacher: list[nn.Module] = []  # a list keeps the teacher out of state_dict, checkpoints and optimizer
+        self._initialised = False
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_classes = getattr(datamodule, "num_classes", None)
+        if data_classes is not None and data_classes != self.vit_config.num_classes:
+            raise ValueError(f"the data has {data_classes} classes, the model vit.num_classes="
+                             f"{self.vit_config.num_classes}")
+        data_chans = getattr(datamodule, "in_chans", None)
+        if data_chans is not None and data_chans != self.vit_config.in_chans:
+            raise ValueError(f"the data has {data_chans} channels, the model vit.in_chans={self.vit_config.in_chans}")
+        # initial weights when fitting only (a resumed run restores its checkpoint after setup, over these), so that
+        # evaluating or loading a finished checkpoint (load_from_checkpoint) never fetches anything
+        if stage == "fit" and self.init_from and not self._initialised:
+            load_init(self.model, self.init_from)
+        self._initialised = True
+        if stage == "fit" and self.distillation is not None and not self._teacher:
+            self._teacher.append(build_teacher(self.distillation.teacher, self.vit_config.num_classes))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+    def classification_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Hard labels (b,) with label smoothing, or soft targets (b k) as Mixup/CutMix produce them."""
+        soft = targets.is_floating_point()
+        return F.cross_entropy(logits, targets, label_smoothing=0.0 if soft else self.label_smoothing)
+
+    def step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        images, targets = batch  # (b c H W), (b,) labels or (b k) soft targets
+        if stage == "train" and self.distillation is not None:
+            cls_logits, dist_logits = self.model.forward_heads(self.model.forward_features(images))
+            teacher = self._teacher[0].to(images.device)
+            with torch.no_grad():
+                teacher_labels = teacher(images).argmax(dim=-1)
+            alpha = self.distillation.alpha
+            loss = (1 - alpha) * self.classification_loss(cls_logits, targets) \
+                + alpha * F.cross_entropy(dist_logits, teacher_labels)
+            logits = (cls_logits + dist_logits) / 2
+        else:
+            logits = self.model(images)
+            loss = self.classification_loss(logits, targets)
+        if not targets.is_floating_point():  # accuracy against soft (mixed) targets means little: skipped
+            on_epoch = stage != "train"
+            for name in ("acc1", "acc5"):
+                if f"{stage}_{name}" in self.metrics:
+                    metric = self.metrics[f"{stage}_{name}"]
+                    metric(logits, targets)
+                    self.log(f"{stage}/{name}", metric, prog_bar=name == "acc1", on_step=not on_epoch,
+                             on_epoch=on_epoch, batch_size=images.shape[0])
+        return loss
+
+    def batch_size(self, batch: Any) -> int:
+        return batch[0].shape[0]

@@ -1,0 +1,190 @@
+"""Vision benchmark: throughput of our ViT against timm's, digits accuracy, and an attention-rollout figure.
+
+    python scripts/bench_vision.py [--quick] [--json PATH] [--out DIR]
+
+1. Training-step (forward, backward, AdamW step) and inference images/s of our ViT and timm's same model with the
+   same weights (ViT-Ti/16, 224 px, batch 32, fp32 on CPU by default), timed alternately round by round in one
+   process; medians and the ratio ours/timm.
+2. Trains configs/vision/vit_tiny_digits.yaml with the `polyformer fit` command it prints, then tests its last
+   checkpoint on the held-out split (--quick: a shorter schedule of the same config, said so in the output).
+3. Attention rollout of the trained digits model over a few test images, saved as PNG.
+
+--json writes train_ratio_vs_timm, infer_ratio_vs_timm, digits_test_acc, digits_train_seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS_CONFIG = ROOT / "configs" / "vision" / "vit_tiny_digits.yaml"
+
+
+def time_call(fn, repeats: int) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def throughput(model_name: str, batch: int, img_size: int, rounds: int, repeats: int) -> dict[str, float]:
+    """Images/s of ours and timm's, alternating inside every round so both see the same machine load."""
+    import timm
+
+    from polyformer.domains.vision import VisionTransformer
+
+    torch.manual_seed(0)
+    theirs = timm.create_model(model_name, pretrained=False, img_size=img_size)
+    ours = VisionTransformer.from_timm(theirs)
+    models = {"ours": ours, "timm": theirs}
+    images = torch.randn(batch, 3, img_size, img_size)
+    labels = torch.randint(theirs.num_classes, (batch,))
+    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-4) for name, model in models.items()}
+
+    def train_step(name):
+        model, optimizer = models[name], optimizers[name]
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def infer(name):
+        with torch.inference_mode():
+            models[name](images)
+
+    seconds = {(kind, name): [] for kind in ("train", "infer") for name in models}
+    for kind, fn in (("train", train_step), ("infer", infer)):
+        for model in models.values():
+            model.train(kind == "train")
+        for name in models:  # warm-up
+            fn(name)
+        for r in range(rounds):
+            order = list(models) if r % 2 == 0 else list(models)[::-1]
+            for name in order:
+                seconds[kind, name].append(time_call(lambda: fn(name), repeats))
+    result = {}
+    for kind in ("train", "infer"):
+        for name in models:
+            result[f"{kind}_{name}_images_per_s"] = batch / statistics.median(seconds[kind, name])
+        result[f"{kind}_ratio_vs_timm"] = result[f"{kind}_ours_images_per_s"] / result[f"{kind}_timm_images_per_s"]
+    return result
+
+
+def latest_run(root: Path) -> Path:
+    versions = sorted(root.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    if not versions:
+        raise FileNotFoundError(f"no version_N under {root}")
+    return versions[-1]
+
+
+def test_accuracy(run: Path) -> float:
+    """test/acc1 of a run's last checkpoint, with the datamodule its saved config.yaml names."""
+    from polyformer.domains.vision import ImageClassificationTask
+
+    data_config = yaml.safe_load((run / "config.yaml").read_text())["data"]
+    module, _, name = data_config["class_path"].rpartition(".")
+    datamodule = getattr(importlib.import_module(module), name)(**data_config.get("init_args", {}))
+    task = ImageClassificationTask.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    return float(trainer.test(task, datamodule=datamodule, verbose=False)[0]["test/acc1"])
+
+
+def train_digits(run_root: Path, extra: list[str]) -> tuple[float, float, Path]:
+    command = ["polyformer", "fit", "-c", str(DIGITS_CONFIG.relative_to(ROOT)), f"--run.root={run_root}", *extra]
+    print("digits command:", shlex.join(command), flush=True)
+    start, cpu_start = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    seconds, cpu = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_seconds = cpu.ru_utime + cpu.ru_stime - cpu_start.ru_utime - cpu_start.ru_stime
+    print(f"    wall {seconds:.1f} s, CPU {cpu_seconds:.1f} s (user + system; the wall time includes waiting for a busy "
+          f"machine)", flush=True)
+    run = latest_run(run_root / "vision" / "vit_tiny_digits")
+    return seconds, test_accuracy(run), run
+
+
+def rollout_figure(run: Path, path: Path, count: int = 6) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from polyformer.domains.vision import DigitsDataModule, ImageClassificationTask
+    from polyformer.domains.vision.rollout import attention_rollout
+
+    task = ImageClassificationTask.load_from_checkpoint(run / "checkpoints" / "last.ckpt").eval()
+    init_args = yaml.safe_load((run / "config.yaml").read_text())["data"].get("init_args", {})
+    data = DigitsDataModule(**init_args)
+    data.setup("test")
+    images, labels = next(iter(data.test_dataloader()))
+    images, labels = images[:count], labels[:count]
+    heat = attention_rollout(task.model, images)  # (b gh gw)
+    predictions = task(images).argmax(-1)
+    figure, axes = plt.subplots(2, count, figsize=(2 * count, 4.2))
+    for i in range(count):
+        axes[0, i].imshow(images[i, 0], cmap="gray")
+        axes[0, i].set_title(f"label {labels[i].item()} / pred {predictions[i].item()}", fontsize=8)
+        axes[1, i].imshow(images[i, 0], cmap="gray")
+        axes[1, i].imshow(torch.nn.functional.interpolate(heat[i][None, None], size=images.shape[-2:],
+                                                          mode="nearest")[0, 0], cmap="inferno", alpha=0.6)
+        for ax in axes[:, i]:
+            ax.axis("off")
+    figure.suptitle("vit_tiny_digits: attention rollout (Abnar & Zuidema 2020)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, batch 8, a 15-epoch digits schedule")
+    parser.add_argument("--json", type=Path, help="write the headline figures here")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_vision", help="runs and the figure")
+    parser.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name for the throughput part")
+    parser.add_argument("--batch", type=int, default=None, help="default 32 (8 with --quick)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batch = args.batch or (8 if args.quick else 32)
+    rounds, repeats = (3, 1) if args.quick else (7, 2)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    print(f"[1] throughput {args.model} 224 px, batch {batch}, fp32 CPU, {torch.get_num_threads()} threads, "
+          f"{rounds} alternating rounds x {repeats} calls", flush=True)
+    speed = throughput(args.model, batch, 224, rounds, repeats)
+    for key, value in speed.items():
+        print(f"    {key}: {value:.3f}")
+
+    extra = ["--trainer.max_epochs=15"] if args.quick else []
+    print(f"[2] digits{' (--quick: 15-epoch schedule of the same config)' if args.quick else ''}", flush=True)
+    seconds, accuracy, run = train_digits(args.out, extra)
+    print(f"    digits_test_acc: {accuracy:.4f}   digits_train_seconds: {seconds:.1f}   run: {run}")
+
+    figure = args.out / "digits_attention_rollout.png"
+    rollout_figure(run, figure)
+    print(f"[3] attention rollout figure: {figure}")
+
+    if args.json:
+        report = {"train_ratio_vs_timm": speed["train_ratio_vs_timm"],
+                  "infer_ratio_vs_timm": speed["infer_ratio_vs_timm"],
+                  "digits_test_acc": accuracy, "digits_train_seconds": seconds}
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
