@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on embedded data (no network): short runs of every landed domain, then a summary table.
-#   scripts/demo.sh            (sets up Debian packages and .venv when missing; about N minutes on 2 CPU cores)
+#   scripts/demo.sh     (sets up Debian packages and .venv when missing; figures and times in the summary)
 set -euo pipefail
 source "$(dirname "$0")/bootstrap.sh"
 export PYTHONWARNINGS=ignore
@@ -25,6 +25,42 @@ run_step core "encoder sorts 12 symbols (fit + test)" \
   "python scripts/run_metrics.py $RUNS/core/sort_tiny test/token_acc test/sequence_acc" -- \
   bash -c "polyformer fit -c configs/core/sort_tiny.yaml ${QUIET[*]} && \
            polyformer test -c configs/core/sort_tiny.yaml ${QUIET[*]} --ckpt_path=last"
+
+# --- vision: ViT on scikit-learn's bundled 8x8 digits (60 of the config's 120 epochs) ------------------------------
+run_step vision "ViT-tiny digits, 60 epochs (fit + test)" \
+  "python scripts/run_metrics.py $RUNS/vision/vit_tiny_digits test/acc1" -- \
+  bash -c "polyformer fit -c configs/vision/vit_tiny_digits.yaml ${QUIET[*]} --trainer.max_epochs=60 && \
+           polyformer test -c configs/vision/vit_tiny_digits.yaml ${QUIET[*]} --ckpt_path=last"
+
+# --- time series: PatchTST on statsmodels' bundled Mauna Loa CO2 series (univariate) -------------------------------
+run_step timeseries "PatchTST Mauna Loa CO2 (fit + test)" \
+  "python scripts/run_metrics.py $RUNS/timeseries/patchtst_co2_demo test/mse test/mae" -- \
+  bash -c "polyformer fit -c configs/timeseries/patchtst_co2_demo.yaml ${QUIET[*]} && \
+           polyformer test -c configs/timeseries/patchtst_co2_demo.yaml ${QUIET[*]} --ckpt_path=last"
+
+# --- RL: Decision Transformer on the project's own CartPole-v1 data, then rollouts at targets 50..500 --------------
+rl_result() {
+  python - "$RUNS" <<'PY'
+import glob, json, sys
+path = sorted(glob.glob(f"{sys.argv[1]}/rl/dt_cartpole/version_*/eval.json"), key=lambda p: int(p.split("version_")[1].split("/")[0]))[-1]
+rows = json.load(open(path))
+print(" ".join(f"R@{r['target']:.0f}={r['return_mean']:.0f}" for r in rows if r["target"] in (50, 200, 500)))
+PY
+}
+run_step rl "Decision Transformer CartPole-v1 (fit + rollouts)" rl_result -- \
+  polyformer fit -c configs/rl/dt_cartpole.yaml "${QUIET[@]}"
+
+# --- speech: Conformer-CTC on a small espeak-ng corpus in LibriSpeech layout ---------------------------------------
+SPEECH_DATA=${DEMO_SPEECH_DATA:-data/speech_demo}
+run_step speech "Conformer-CTC on synthetic speech (make + fit + test)" \
+  "python scripts/run_metrics.py $RUNS/speech/conformer_ctc_tiny_synthetic test/cer test/wer" -- \
+  bash -c "python scripts/make_synthetic_librispeech.py --out $SPEECH_DATA --train-utterances 120 --dev 20 \
+             --test 20 --heldout 20 --max-words 8 --seed 0 && \
+           polyformer fit -c configs/speech/conformer_ctc_tiny_synthetic.yaml ${QUIET[*]} \
+             --data.init_args.root=$SPEECH_DATA --trainer.max_epochs=4 --trainer.check_val_every_n_epoch=4 \
+             --data.init_args.stats_utterances=60 && \
+           polyformer test -c configs/speech/conformer_ctc_tiny_synthetic.yaml ${QUIET[*]} \
+             --data.init_args.root=$SPEECH_DATA --ckpt_path=last"
 
 echo
 echo "=== summary (total $(( $(date +%s) - started )) s; runs under $RUNS/)"

@@ -37,8 +37,9 @@ def allowed_keys(
     key_padding_mask: Tensor | None,
 ) -> Tensor | None:
     """Boolean (b or 1, 1, n, m) mask, True where query i may attend key j; None when everything is allowed."""
-    offset = query_positions[:, None] - key_positions[None, :]  # (n, m)
     allowed = None
+    if causal or window is not None:
+        offset = query_positions[:, None] - key_positions[None, :]  # (n, m)
     if causal:
         allowed = offset >= 0
     if window is not None:

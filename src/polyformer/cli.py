@@ -3,7 +3,7 @@
     polyformer fit -c configs/<domain>/<name>.yaml [--trainer.devices=2 --trainer.strategy=ddp] [--ckpt_path last]
 
 Runs land in runs/<domain>/<name>/version_N/ (metrics.csv, TensorBoard events, checkpoints/ with last.ckpt);
-<domain>/<name> come from the config file's path unless --run.domain / --run.name say otherwise.
+<domain>/<name> come from the (first) config file's path unless --run.domain / --run.name say otherwise.
 `--ckpt_path last` works in the newest version of the run (fit resumes it, test/validate evaluate it) instead of
 opening a new one.
 """
@@ -23,11 +23,16 @@ from polyformer.training import PolyformerTask, Throughput, load_checkpoint
 
 
 def next_version(run_dir: Path, resume: bool) -> int:
-    """The newest version_N under run_dir when resuming, else one past it."""
-    versions = [int(m.group(1)) for p in run_dir.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    """One past the newest version_N under run_dir; when resuming, the newest that holds checkpoints/last.ckpt
+    (a later `test` opens a version without one), else the newest."""
+    versions = sorted(int(m.group(1)) for p in run_dir.glob("version_*")
+                      if (m := re.fullmatch(r"version_(\d+)", p.name)))
     if not versions:
         return 0
-    return max(versions) if resume else max(versions) + 1
+    if not resume:
+        return versions[-1] + 1
+    with_last = [v for v in versions if (run_dir / f"version_{v}" / "checkpoints" / "last.ckpt").is_file()]
+    return with_last[-1] if with_last else versions[-1]
 
 
 class PolyformerCLI(LightningCLI):
@@ -66,8 +71,8 @@ class PolyformerCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         run = config["run"]
         files = [Path(str(p)) for p in (config.get("config") or [])]
-        domain = run["domain"] or (files[-1].parent.name if files else "default")
-        name = run["name"] or (files[-1].stem if files else "run")
+        domain = run["domain"] or (files[0].parent.name if files else "default")
+        name = run["name"] or (files[0].stem if files else "run")
         resume = config.get("ckpt_path") == "last"  # continue (fit) or evaluate (test) the newest version
         root = Path(run["root"]) / domain
         return root, name, next_version(root / name, resume)

@@ -55,7 +55,11 @@ def make_loader(
     collate_fn: Callable | None = None,
     seed: int | None = None,
 ) -> DataLoader:
-    """A DataLoader; shuffling through EpochRandomSampler so data order survives a resume."""
+    """A DataLoader; shuffling through EpochRandomSampler so data order survives a resume.
+
+    It draws its worker seeds from a generator of its own: creating an iterator must not consume the global RNG,
+    which the training base reseeds per epoch (Lightning creates the first epoch's iterator earlier than the others).
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, found {batch_size}")
     return DataLoader(
@@ -67,4 +71,5 @@ def make_loader(
         collate_fn=collate_fn,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(global_seed() if seed is None else seed),
     )

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 NormKind = Literal["layernorm", "rmsnorm"]
-Activation = Literal["relu", "gelu", "swiglu"]
+Activation = Literal["relu", "gelu", "silu", "swiglu"]
 
 
 def make_norm(kind: NormKind, dim: int, eps: float) -> nn.Module:
@@ -21,13 +21,16 @@ def make_norm(kind: NormKind, dim: int, eps: float) -> nn.Module:
 
 
 class FeedForward(nn.Module):
-    """fc1 → activation → dropout → fc2 → dropout; SwiGLU (Shazeer 2020) fuses gate and value in fc1 (2·hidden)."""
+    """fc1 → activation → dropout → fc2 → dropout; SwiGLU (Shazeer 2020) fuses gate and value in fc1 (2·hidden).
+
+    silu is Swish, the Conformer's feed-forward activation.
+    """
 
     def __init__(self, dim: int, hidden: int, activation: Activation = "gelu", *, bias: bool = True,
                  dropout: float = 0.0):
         super().__init__()
-        if activation not in ("relu", "gelu", "swiglu"):
-            raise ValueError(f"activation must be 'relu', 'gelu' or 'swiglu', found {activation!r}")
+        if activation not in ("relu", "gelu", "silu", "swiglu"):
+            raise ValueError(f"activation must be 'relu', 'gelu', 'silu' or 'swiglu', found {activation!r}")
         self.activation = activation
         self.fc1 = nn.Linear(dim, 2 * hidden if activation == "swiglu" else hidden, bias=bias)
         self.drop1 = nn.Dropout(dropout)
@@ -40,7 +43,7 @@ class FeedForward(nn.Module):
             value, gate = x.chunk(2, dim=-1)
             x = value * F.silu(gate)
         else:
-            x = F.relu(x) if self.activation == "relu" else F.gelu(x)
+            x = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[self.activation](x)
         return self.drop2(self.fc2(self.drop1(x)))
 
 

@@ -30,7 +30,7 @@ class TransformerConfig:
     depth: int = 6  # number of blocks
     heads: int = 8  # attention heads; dim must be divisible by heads
     mlp_ratio: float = 4.0  # feed-forward hidden width = mlp_ratio * dim
-    activation: Activation = "gelu"  # relu | gelu | swiglu
+    activation: Activation = "gelu"  # relu | gelu | silu | swiglu
     norm: NormKind = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5  # timm's ViTs use 1e-6
     prenorm: bool = True  # False: post-norm as in the original Transformer

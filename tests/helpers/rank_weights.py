@@ -13,3 +13,17 @@ class SaveRankWeights(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         state = {name: tensor.detach().cpu() for name, tensor in pl_module.state_dict().items()}
         torch.save(state, self.folder / f"rank{trainer.global_rank}.pt")
+
+
+class KillAtStep(L.Callback):
+    """Kills its own process with SIGKILL after a given optimizer step: a crash at a chosen point of training."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
