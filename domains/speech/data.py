@@ -1,0 +1,277 @@
+"""LibriSpeech-layout corpora: index, decode (soundfile), bucket by duration, batch by total seconds.
+
+Layout: <root>/LibriSpeech/<split>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac and
+<speaker>-<chapter>.trans.txt ("<utt-id> TRANSCRIPT" per line). Real LibriSpeech (download: true fetches it through
+torchaudio.datasets.LIBRISPEECH) and the synthetic corpus of scripts/make_synthetic_librispeech.py read the same way.
+
+Bad input: a transcript line without audio, an unreadable or corrupt FLAC, audio not at the expected sample rate or
+not mono raise a ValueError naming the file, unless `skip_bad` is set, in which case each is logged and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import soundfile as sf
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from polyformer.data import global_seed, shared_data_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Utterance:
+    id: str
+    path: Path
+    transcript: str
+    duration: float  # seconds
+
+
+class BadAudio(ValueError):
+    """An utterance that cannot be used as it is: the message names the file and what is wrong."""
+
+
+def check_audio(path: Path, sample_rate: int) -> float:
+    """Duration in seconds from the FLAC header; BadAudio when unreadable, not mono or at another rate."""
+    try:
+        info = sf.info(str(path))
+    except (RuntimeError, sf.LibsndfileError) as error:
+        raise BadAudio(f"{path}: unreadable or corrupt audio ({error})") from None
+    if info.samplerate != sample_rate:
+        raise BadAudio(f"{path}: expected {sample_rate} Hz audio, found {info.samplerate} Hz")
+    if info.channels != 1:
+        raise BadAudio(f"{path}: expected mono audio, found {info.channels} channels")
+    return info.frames / info.samplerate
+
+
+def read_split(root: Path, split: str, *, sample_rate: int = 16_000, skip_bad: bool = False) -> list[Utterance]:
+    """Every transcribed utterance of one split, checked against its audio header."""
+    folder = root / "LibriSpeech" / split
+    if not folder.is_dir():
+        raise FileNotFoundError(f"split {split!r}: expected the folder {folder} (LibriSpeech layout), found none")
+    utterances, skipped = [], 0
+    for transcript_file in sorted(folder.glob("*/*/*.trans.txt")):
+        for line_no, line in enumerate(transcript_file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            utt_id, _, text = line.partition(" ")
+            path = transcript_file.parent / f"{utt_id}.flac"
+            try:
+                if not path.is_file():
+                    raise BadAudio(f"{transcript_file}:{line_no}: transcript line for {utt_id} has no audio "
+                                   f"(expected {path})")
+                duration = check_audio(path, sample_rate)
+            except BadAudio as error:
+                if not skip_bad:
+                    raise
+                skipped += 1
+                log.warning("skipping bad utterance %d of split %s: %s", skipped, split, error)
+                continue
+            utterances.append(Utterance(utt_id, path, text.strip(), duration))
+    if skipped:
+        log.warning("split %s: skipped %d bad utterances (skip_bad=True), kept %d", split, skipped, len(utterances))
+    if not utterances:
+        raise ValueError(f"split {split!r} under {folder}: no usable utterances found")
+    return utterances
+
+
+class SpeechDataset(Dataset):
+    """Decodes one utterance with soundfile: (float32 waveform (s,), transcript, id)."""
+
+    def __init__(self, utterances: list[Utterance], sample_rate: int = 16_000, skip_bad: bool = False):
+        self.utterances, self.sample_rate, self.skip_bad = utterances, sample_rate, skip_bad
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, str, str] | None:
+        utterance = self.utterances[index]
+        try:
+            audio, rate = sf.read(str(utterance.path), dtype="float32", always_2d=False)
+        except (RuntimeError, sf.LibsndfileError) as error:
+            if not self.skip_bad:
+                raise BadAudio(f"{utterance.path}: cannot decode ({error})") from None
+            self.skipped += 1
+            log.warning("skipping undecodable utterance (%d in this worker): %s: %s", self.skipped, utterance.path,
+                        error)
+            return None
+        if rate != self.sample_rate:
+            raise BadAudio(f"{utterance.path}: expected {self.sample_rate} Hz audio, found {rate} Hz")
+        return torch.from_numpy(audio), utterance.transcript, utterance.id
+
+
+def collate(items: list[tuple[Tensor, str, str] | None]) -> dict:
+    """Zero-padded (b s) waveforms, (b,) sample counts, transcripts and ids; skipped (None) items are left out."""
+    items = [item for item in items if item is not None]
+    lengths = torch.tensor([len(wave) for wave, _, _ in items], dtype=torch.long)
+    waveforms = torch.zeros(len(items), int(lengths.max()) if items else 0)
+    for i, (wave, _, _) in enumerate(items):
+        waveforms[i, : len(wave)] = wave
+    return {"waveforms": waveforms, "lengths": lengths, "transcripts": [t for _, t, _ in items],
+            "ids": [u for _, _, u in items]}
+
+
+class DurationBatchSampler(Sampler[list[int]]):
+    """Batches of similar duration whose padded size (longest × count) stays under `max_seconds`.
+
+    Utterances are sorted by duration and cut into `num_buckets` buckets; each epoch shuffles within buckets (seeded
+    from (seed, epoch)), packs batches, and shuffles the batch order. Under DDP it shards itself: every rank gets the
+    same number of batches (the list is padded by repeating batches), rank r takes batches r, r + world, ...
+    Lightning calls `set_epoch`; set `trainer.use_distributed_sampler: false` for multi-GPU runs.
+    """
+
+    def __init__(self, durations: list[float], max_seconds: float, *, num_buckets: int = 10, shuffle: bool = True,
+                 seed: int | None = None):
+        if max_seconds < max(durations):
+            raise ValueError(f"max_seconds={max_seconds} per batch is below the longest utterance "
+                             f"({max(durations):.1f} s): raise it or lower max_duration")
+        self.durations, self.max_seconds = durations, max_seconds
+        self.num_buckets, self.shuffle, self.seed, self.epoch = max(1, num_buckets), shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _world(self) -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def batches(self) -> list[list[int]]:
+        seed = global_seed() if self.seed is None else self.seed
+        rng = random.Random(seed * 100_003 + self.epoch)
+        order = sorted(range(len(self.durations)), key=lambda i: self.durations[i])
+        size = math.ceil(len(order) / self.num_buckets)
+        batches = []
+        for start in range(0, len(order), size):
+            bucket = order[start:start + size]
+            if self.shuffle:
+                rng.shuffle(bucket)
+            batch, longest = [], 0.0
+            for i in bucket:
+                longest_with = max(longest, self.durations[i])
+                if batch and longest_with * (len(batch) + 1) > self.max_seconds:
+                    batches.append(batch)
+                    batch, longest_with = [], self.durations[i]
+                batch.append(i)
+                longest = longest_with
+            if batch:
+                batches.append(batch)
+        if self.shuffle:
+            rng.shuffle(batches)
+        rank, world = self._world()
+        if len(batches) % world:
+            batches += batches[: world - len(batches) % world]
+        return batches[rank::world]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches()
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+
+class LibriSpeechDataModule(L.LightningDataModule):
+    """Train / validation / test splits of a LibriSpeech-layout corpus, bucketed and capped by seconds per batch."""
+
+    def __init__(
+        self,
+        root: str | None = None,  # folder holding LibriSpeech/; default <shared data>/librispeech
+        train_splits: list[str] | None = None,  # default ["train-clean-100"]
+        val_splits: list[str] | None = None,  # default ["dev-clean"]
+        test_splits: list[str] | None = None,  # default ["test-clean", "test-other"]; one test loader each
+        max_duration: float = 20.0,  # training utterances longer than this (seconds) are dropped, with a count
+        batch_seconds: float = 200.0,  # padded seconds of audio per training batch
+        eval_batch_seconds: float | None = None,  # default 2 × batch_seconds
+        num_buckets: int = 10,
+        num_workers: int = 2,
+        sample_rate: int = 16_000,
+        skip_bad: bool = False,  # log and count bad utterances instead of raising
+        download: bool = False,  # fetch LibriSpeech splits through torchaudio (GBs): only when asked
+        stats_utterances: int = 500,  # training utterances the normalisation statistics are estimated from
+        seed: int | None = None,  # batch order seed; default: the run's seed_everything
+    ):
+        super().__init__()
+        self.root = Path(root) if root is not None else shared_data_dir() / "librispeech"
+        self.train_splits = train_splits or ["train-clean-100"]
+        self.val_splits = val_splits or ["dev-clean"]
+        self.test_splits = test_splits or ["test-clean", "test-other"]
+        self.max_duration, self.batch_seconds = max_duration, batch_seconds
+        self.eval_batch_seconds = eval_batch_seconds or 2 * batch_seconds
+        self.num_buckets, self.num_workers, self.sample_rate = num_buckets, num_workers, sample_rate
+        self.skip_bad, self.download, self.stats_utterances, self.seed = skip_bad, download, stats_utterances, seed
+        self.splits: dict[str, list[Utterance]] = {}
+
+    def prepare_data(self) -> None:
+        if not self.download:
+            return
+        from torchaudio.datasets import LIBRISPEECH
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        for split in {*self.train_splits, *self.val_splits, *self.test_splits}:
+            if not (self.root / "LibriSpeech" / split).is_dir():
+                LIBRISPEECH(str(self.root), url=split, download=True)
+
+    def utterances(self, split: str) -> list[Utterance]:
+        if split not in self.splits:
+            self.splits[split] = read_split(self.root, split, sample_rate=self.sample_rate, skip_bad=self.skip_bad)
+        return self.splits[split]
+
+    def train_utterances(self) -> list[Utterance]:
+        everything = [u for split in self.train_splits for u in self.utterances(split)]
+        kept = [u for u in everything if u.duration <= self.max_duration]
+        if len(kept) < len(everything):
+            log.warning("training data: dropped %d of %d utterances longer than max_duration=%.1f s",
+                        len(everything) - len(kept), len(everything), self.max_duration)
+        if not kept:
+            raise ValueError(f"no training utterance is at most max_duration={self.max_duration} s long")
+        return kept
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self.train_set = self.train_utterances()
+        if stage in (None, "fit", "validate"):
+            self.val_set = [u for split in self.val_splits for u in self.utterances(split)]
+        if stage in (None, "test"):
+            self.test_sets = [self.utterances(split) for split in self.test_splits]
+
+    def transcripts(self) -> list[str]:
+        """Training transcripts (for a SentencePiece model)."""
+        return [u.transcript for u in self.train_utterances()]
+
+    def stats_waveforms(self) -> Iterator[Tensor]:
+        """Waveforms of a seeded random subset of training utterances, for the normalisation statistics."""
+        train = self.train_utterances()
+        chosen = random.Random(0).sample(range(len(train)), min(self.stats_utterances, len(train)))
+        dataset = SpeechDataset(train, self.sample_rate, self.skip_bad)
+        for i in sorted(chosen):
+            item = dataset[i]
+            if item is not None:
+                yield item[0]
+
+    def _loader(self, utterances: list[Utterance], max_seconds: float, shuffle: bool) -> DataLoader:
+        durations = [u.duration for u in utterances]
+        sampler = DurationBatchSampler(durations, max(max_seconds, max(durations)), num_buckets=self.num_buckets,
+                                       shuffle=shuffle, seed=self.seed)
+        return DataLoader(SpeechDataset(utterances, self.sample_rate, self.skip_bad), batch_sampler=sampler,
+                          collate_fn=collate, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_seconds, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.eval_batch_seconds, shuffle=False)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._loader(s, self.eval_batch_seconds, shuffle=False) for s in self.test_sets]

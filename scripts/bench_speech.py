@@ -1,0 +1,167 @@
+"""Speech benchmark: training throughput against torchaudio's Conformer, and CER/WER of the tiny config.
+
+    python scripts/bench_speech.py [--quick] [--json PATH] [--ckpt PATH]
+
+1. Throughput: seconds of audio per second of training (forward, CTC loss, backward, AdamW step) of the tiny
+   config's recognizer with our Conformer (as configured, with RoPE; and without positions, the same computation
+   as torchaudio's) and with `torchaudio.models.Conformer` of the same size in its place (same front end,
+   subsampling and head), timed alternately in one process; medians and the ratios ours/torchaudio.
+2. Accuracy: CER and WER of the tiny config on the synthetic test split and on the held-out-accent split.
+   Without --ckpt it trains first (`polyformer fit -c configs/speech/conformer_ctc_tiny_synthetic.yaml`), on
+   data/synthetic_librispeech (made when missing, >= 75 min of training audio); --quick uses a small corpus in a
+   temporary folder and one short epoch, which checks the pipeline but does not measure the model. With --ckpt it
+   only tests that checkpoint on data/synthetic_librispeech (--quick then shortens the throughput part alone).
+--json PATH writes train_ratio_vs_torchaudio, test_cer, test_wer, heldout_voice_cer, train_seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchaudio
+import yaml
+from torch import Tensor, nn
+
+from polyformer.domains.speech.conformer import ConformerConfig
+from polyformer.domains.speech.model import SpeechModelConfig, SpeechRecognizer
+from polyformer.domains.speech.frontend import FeatureConfig, SpecAugmentConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "speech" / "conformer_ctc_tiny_synthetic.yaml"
+
+
+class TorchaudioEncoder(nn.Module):
+    """torchaudio.models.Conformer behind our encoder's call signature: (b n d), (b n) padding mask → (b n d)."""
+
+    def __init__(self, config: ConformerConfig):
+        super().__init__()
+        self.conformer = torchaudio.models.Conformer(
+            input_dim=config.dim, num_heads=config.heads, ffn_dim=int(config.ffn_ratio * config.dim),
+            num_layers=config.depth, depthwise_conv_kernel_size=config.kernel_size, dropout=config.dropout)
+
+    def forward(self, x: Tensor, *, key_padding_mask: Tensor) -> Tensor:
+        return self.conformer(x, (~key_padding_mask).sum(dim=1))[0]
+
+
+def tiny_model_config() -> SpeechModelConfig:
+    model = yaml.safe_load(CONFIG.read_text())["model"]["init_args"]["model"]
+    return SpeechModelConfig(
+        features=FeatureConfig(), specaugment=SpecAugmentConfig(**model["specaugment"]),
+        subsampling_channels=model["subsampling_channels"], head_dropout=model["head_dropout"],
+        conformer=ConformerConfig(**model["conformer"]))
+
+
+def throughput(quick: bool) -> dict:
+    """Alternating timed training steps of both models on the same batch; medians of audio seconds per second."""
+    torch.manual_seed(0)
+    config = tiny_model_config()
+    # ours as configured (RoPE), ours without positions (the same computation as torchaudio's), torchaudio's
+    no_positions = dataclasses.replace(config, conformer=dataclasses.replace(config.conformer, position="none"))
+    models = {"ours": SpeechRecognizer(config, 29), "ours_no_positions": SpeechRecognizer(no_positions, 29),
+              "torchaudio": SpeechRecognizer(config, 29)}
+    models["torchaudio"].encoder = TorchaudioEncoder(config.conformer)
+    batch, seconds = (8, 4.0) if quick else (16, 4.0)
+    waves = torch.randn(batch, int(seconds * 16_000)) * 0.1
+    lengths = torch.full((batch,), waves.shape[1]) - torch.arange(batch) * 1600  # ragged, like real batches
+    targets, target_lengths = torch.randint(1, 29, (batch, 40)), torch.full((batch,), 40)
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
+
+    def step(name: str) -> float:
+        model, optimizer = models[name], optimizers[name]
+        start = time.perf_counter()
+        log_probs, frames = model(waves, lengths)
+        loss = F.ctc_loss(log_probs.transpose(0, 1), targets, frames, target_lengths, zero_infinity=True)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    for name in models:  # warm-up
+        step(name)
+    times = {name: [] for name in models}
+    for _ in range(3 if quick else 10):
+        for name in models:
+            times[name].append(step(name))
+    audio = float(lengths.sum()) / 16_000
+    rates = {name: audio / statistics.median(t) for name, t in times.items()}
+    result = {f"{name}_audio_seconds_per_second": round(rate, 2) for name, rate in rates.items()}
+    result["train_ratio_vs_torchaudio"] = round(rates["ours"] / rates["torchaudio"], 3)
+    result["train_ratio_vs_torchaudio_no_positions"] = round(rates["ours_no_positions"] / rates["torchaudio"], 3)
+    result["throughput_batch"] = f"{batch} utterances, {audio:.1f} s of audio, {torch.get_num_threads()} threads"
+    return result
+
+
+def run(command: list[str]) -> None:
+    print("$ " + " ".join(command), flush=True)
+    subprocess.run(command, check=True, cwd=ROOT)
+
+
+def last_metrics(metrics_csv: Path) -> dict[str, float]:
+    values = {}
+    for row in csv.DictReader(open(metrics_csv)):
+        values.update({key: float(value) for key, value in row.items() if value not in ("", None)})
+    return values
+
+
+def accuracy(quick: bool, ckpt: str | None, workdir: Path) -> dict:
+    """Trains the tiny config (unless --ckpt), then tests it on the test and held-out splits."""
+    if quick and ckpt is None:
+        corpus = workdir / "corpus"
+        run([sys.executable, "scripts/make_synthetic_librispeech.py", "--out", str(corpus), "--train-utterances",
+             "60", "--dev", "10", "--test", "20", "--heldout", "20", "--max-words", "8"])
+        overrides = ["--data.init_args.root", str(corpus), "--trainer.max_epochs", "1",
+                     "--data.init_args.stats_utterances", "30"]
+    else:
+        corpus = ROOT / "data" / "synthetic_librispeech"
+        if not (corpus / "LibriSpeech" / "train").is_dir():
+            run([sys.executable, "scripts/make_synthetic_librispeech.py", "--out", str(corpus), "--train-minutes", "80"])
+        overrides = ["--data.init_args.root", str(corpus)]
+    runs_root = workdir / "runs" if quick else ROOT / "runs"  # a full run's checkpoint is kept
+    runs = ["--run.root", str(runs_root), "--run.name", "bench"]
+    base = ["polyformer"]
+    train_seconds = None
+    if ckpt is None:
+        start = time.perf_counter()
+        run(base + ["fit", "-c", str(CONFIG)] + overrides + runs)
+        train_seconds = time.perf_counter() - start
+        ckpt = str(sorted((runs_root / "speech" / "bench").glob("version_*/checkpoints/last.ckpt"),
+                          key=lambda p: int(p.parts[-3][8:]))[-1])
+    run(base + ["test", "-c", str(CONFIG), "--ckpt_path", ckpt] + overrides + runs)
+    test_dir = sorted((runs_root / "speech" / "bench").glob("version_*"), key=lambda p: int(p.name[8:]))[-1]
+    metrics = last_metrics(test_dir / "metrics.csv")
+    return {"test_cer": metrics["test/cer"], "test_wer": metrics["test/wer"],
+            "heldout_voice_cer": metrics["heldout/cer"], "heldout_voice_wer": metrics["heldout/wer"],
+            "train_seconds": round(train_seconds, 1) if train_seconds is not None else None, "checkpoint": ckpt}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few timing steps, tiny corpus, one short epoch")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--ckpt", type=str, default=None, help="test this tiny-config checkpoint on the benchmark corpus, no training")
+    parser.add_argument("--skip-accuracy", action="store_true", help="throughput only")
+    args = parser.parse_args()
+    results = throughput(args.quick)
+    print(json.dumps(results, indent=2), flush=True)
+    if not args.skip_accuracy:
+        with tempfile.TemporaryDirectory() as workdir:
+            results.update(accuracy(args.quick, args.ckpt, Path(workdir)))
+    print(json.dumps(results, indent=2))
+    if args.json is not None:
+        keys = ["train_ratio_vs_torchaudio", "test_cer", "test_wer", "heldout_voice_cer", "train_seconds"]
+        args.json.write_text(json.dumps({key: results.get(key) for key in keys} | results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

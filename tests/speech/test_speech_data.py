@@ -1,0 +1,108 @@
+"""LibriSpeech-layout reading, bad input, duration batching and the synthetic corpus."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from polyformer.domains.speech.data import (
+    DurationBatchSampler,
+    LibriSpeechDataModule,
+    SpeechDataset,
+    collate,
+    read_split,
+)
+from polyformer.domains.speech.tokens import CharTokenizer
+
+
+def test_synthetic_corpus_layout(tiny_corpus):
+    root = tiny_corpus / "LibriSpeech"
+    summary = json.loads((root / "corpus.json").read_text())["splits"]
+    assert {s: summary[s]["utterances"] for s in summary} == {"train": 24, "dev": 6, "test": 6, "heldout": 6}
+    texts = {split: {u.transcript for u in read_split(tiny_corpus, split)} for split in summary}
+    assert not texts["train"] & (texts["dev"] | texts["test"] | texts["heldout"])  # unseen sentences
+    tokenizer = CharTokenizer()
+    for utterance in read_split(tiny_corpus, "train"):
+        speaker, chapter, _ = utterance.id.split("-")
+        assert utterance.path == root / "train" / speaker / chapter / f"{utterance.id}.flac"
+        assert tokenizer.decode(tokenizer.encode(utterance.transcript)) == utterance.transcript
+        assert sf.info(str(utterance.path)).samplerate == 16_000 and 0.3 < utterance.duration < 10
+    train_speakers = {u.id.split("-")[0] for u in read_split(tiny_corpus, "train")}
+    held_speakers = {u.id.split("-")[0] for u in read_split(tiny_corpus, "heldout")}
+    assert not train_speakers & held_speakers
+    assert "en-gb-scotland" in (root / "SPEAKERS.TXT").read_text()
+
+
+@pytest.fixture
+def corpus_copy(tiny_corpus, tmp_path) -> Path:
+    shutil.copytree(tiny_corpus / "LibriSpeech" / "dev", tmp_path / "LibriSpeech" / "dev")
+    return tmp_path
+
+
+def test_missing_audio_is_an_error_or_a_counted_skip(corpus_copy, caplog):
+    victim = sorted((corpus_copy / "LibriSpeech" / "dev").glob("*/*/*.flac"))[0]
+    victim.unlink()
+    with pytest.raises(ValueError, match=f"{victim.stem} has no audio"):
+        read_split(corpus_copy, "dev")
+    with caplog.at_level(logging.WARNING):
+        kept = read_split(corpus_copy, "dev", skip_bad=True)
+    assert len(kept) == 5
+    assert "skipped 1 bad utterances" in caplog.text
+
+
+def test_corrupt_flac_and_wrong_rate_are_errors(corpus_copy):
+    files = sorted((corpus_copy / "LibriSpeech" / "dev").glob("*/*/*.flac"))
+    files[0].write_bytes(b"not a flac file at all")
+    with pytest.raises(ValueError, match="unreadable or corrupt"):
+        read_split(corpus_copy, "dev")
+    files[0].unlink()
+    sf.write(files[0], np.zeros(8000, dtype=np.float32), 8000, format="FLAC")
+    with pytest.raises(ValueError, match="expected 16000 Hz audio, found 8000 Hz"):
+        read_split(corpus_copy, "dev")
+    assert len(read_split(corpus_copy, "dev", skip_bad=True)) == 5
+
+
+def test_corrupt_audio_body_fails_at_decoding_or_is_skipped(corpus_copy):
+    utterances = read_split(corpus_copy, "dev")
+    data = utterances[0].path.read_bytes()
+    utterances[0].path.write_bytes(data[:200])  # header survives, the frames are gone
+    with pytest.raises(ValueError, match=str(utterances[0].path)):
+        SpeechDataset(utterances)[0]
+    dataset = SpeechDataset(utterances, skip_bad=True)
+    batch = collate([dataset[0], dataset[1]])
+    assert dataset.skipped == 1 and len(batch["transcripts"]) == 1
+
+
+def test_duration_batches_cover_everything_under_the_cap(monkeypatch):
+    rng = np.random.default_rng(0)
+    durations = rng.uniform(1.0, 15.0, size=200).tolist()
+    sampler = DurationBatchSampler(durations, 40.0, num_buckets=5, seed=1)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    assert all(max(durations[i] for i in b) * len(b) <= 40.0 for b in batches)
+    assert list(sampler) == batches  # same epoch, same order
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+    # under DDP each rank takes every world-th batch; together they cover everything, equally many per rank
+    shards = []
+    for rank in range(3):
+        monkeypatch.setattr(DurationBatchSampler, "_world", lambda self, r=rank: (r, 3))
+        shards.append(list(sampler))
+    assert len({len(s) for s in shards}) == 1
+    assert {i for s in shards for b in s for i in b} == set(range(200))
+
+
+def test_long_utterances_are_dropped_with_a_count(tiny_corpus, caplog):
+    module = LibriSpeechDataModule(root=str(tiny_corpus), train_splits=["train"], max_duration=3.0, num_workers=0)
+    everything = read_split(tiny_corpus, "train")
+    with caplog.at_level(logging.WARNING):
+        kept = module.train_utterances()
+    dropped = sum(u.duration > 3.0 for u in everything)
+    assert len(kept) == len(everything) - dropped and 0 < dropped < len(everything)
+    assert f"dropped {dropped} of {len(everything)}" in caplog.text
