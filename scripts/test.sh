@@ -3,4 +3,6 @@
 #   scripts/test.sh [pytest arguments]
 set -euo pipefail
 source "$(dirname "$0")/bootstrap.sh"
+# one torch thread per process unless told otherwise (tests spawn several processes; see demo.sh)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 python -m pytest "$@"
