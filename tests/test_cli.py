@@ -16,6 +16,8 @@ from polyformer.training import load_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "core" / "sort_tiny.yaml"
 CLI = [sys.executable, "-m", "polyformer.cli"]
+# one thread per process: these models are tiny, and the DDP test runs two processes on what may be two cores
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
@@ -24,7 +26,7 @@ def fit_command(run_root: Path, *extra: str) -> list[str]:
 
 
 def run(command: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr[-4000:]}"
     return result
 
@@ -42,7 +44,7 @@ def assert_same_weights(a: dict, b: dict, atol: float) -> None:
 # a short run with dropout (32 steps an epoch), so that equal weights need equal data order *and* equal random state
 RESUME_ARGS = ["--trainer.max_epochs=4", "--data.init_args.train_size=2048", "--data.init_args.val_size=128",
                "--model.init_args.encoder.dropout=0.1"]
-HELPERS_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent / "helpers")}
+HELPERS_ENV = {**ENV, "PYTHONPATH": str(Path(__file__).parent / "helpers")}
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +119,7 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path, monkeypatch):
     torch.save({"state_dict": {}, "payload": Exploit()}, evil)
     with pytest.raises(ValueError, match="refusing to load checkpoint .*evil.ckpt"):
         load_checkpoint(evil)
-    result = subprocess.run(fit_command(tmp_path, f"--ckpt_path={evil}"), cwd=tmp_path, capture_output=True,
+    result = subprocess.run(fit_command(tmp_path, f"--ckpt_path={evil}"), cwd=tmp_path, env=ENV, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode != 0
     assert "refusing to load checkpoint" in result.stderr
