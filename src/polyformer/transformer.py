@@ -84,7 +84,7 @@ class TransformerBlock(nn.Module):
         self.attn = MultiHeadAttention(
             c.dim, c.heads, causal=c.causal, kind=c.attention, window=c.window,
             position=c.position if c.position in ("rope", "alibi") else "none", rope_base=c.rope_base,
-            qk_norm=c.qk_norm, norm_layer=lambda e: make_norm(c.norm, e, c.norm_eps), bias=c.bias,
+            qk_norm=c.qk_norm, norm_layer=norm, bias=c.bias,
             attn_dropout=c.attn_dropout, dropout=c.dropout,
         )
         self.ls1 = LayerScale(c.dim, c.layer_scale) if c.layer_scale else nn.Identity()
