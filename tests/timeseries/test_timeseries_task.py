@@ -48,14 +48,20 @@ def trainer(tmp_path, **kwargs) -> L.Trainer:
                      enable_model_summary=False, **kwargs)
 
 
-def test_patchtst_learns_a_periodic_series_and_reloads(tmp_path, sine_csv):
+def fit_and_test(tmp_path, make_task, sine_csv, epochs: int):
+    """Seeded build, fit and test on the sine series: (test metrics, the zero forecast's MSE, task, trainer, data)."""
     L.seed_everything(0)
     data = CSVForecastDataModule(str(sine_csv), lookback=48, horizon=12, batch_size=32)
-    task = tiny_patchtst_task()
-    run = trainer(tmp_path, max_epochs=4)
+    task = make_task()
+    run = trainer(tmp_path, max_epochs=epochs)
     run.fit(task, datamodule=data)
     metrics = run.test(task, datamodule=data, verbose=False)[0]
     zero_forecast = float(torch.stack([y for _, y in data.datasets["test"]]).pow(2).mean())
+    return metrics, zero_forecast, task, run, data
+
+
+def test_patchtst_learns_a_periodic_series_and_reloads(tmp_path, sine_csv):
+    metrics, zero_forecast, task, run, data = fit_and_test(tmp_path, tiny_patchtst_task, sine_csv, epochs=4)
     assert metrics["test/mse"] < 0.3 * zero_forecast, (metrics, zero_forecast)
     assert metrics["test/mae"] > 0
 
@@ -78,13 +84,7 @@ def test_patchtst_learns_a_periodic_series_and_reloads(tmp_path, sine_csv):
         OptimizerConfig(lr=5e-3, weight_decay=0.0, warmup_steps=5)), 0.9),
 ], ids=["dlinear", "encoder_decoder"])
 def test_baselines_train_and_test_the_same_way(tmp_path, sine_csv, make_task, fraction):
-    L.seed_everything(0)
-    data = CSVForecastDataModule(str(sine_csv), lookback=48, horizon=12, batch_size=32)
-    task = make_task()
-    run = trainer(tmp_path, max_epochs=8)
-    run.fit(task, datamodule=data)
-    metrics = run.test(task, datamodule=data, verbose=False)[0]
-    zero_forecast = float(torch.stack([y for _, y in data.datasets["test"]]).pow(2).mean())
+    metrics, zero_forecast, *_ = fit_and_test(tmp_path, make_task, sine_csv, epochs=8)
     assert metrics["test/mse"] < fraction * zero_forecast, (metrics, zero_forecast)
 
 
