@@ -10,7 +10,8 @@
    Without --ckpt it trains first (`polyformer fit -c configs/speech/conformer_ctc_tiny_synthetic.yaml`), on
    data/synthetic_librispeech (made when missing, >= 75 min of training audio); --quick uses a small corpus in a
    temporary folder and one short epoch, which checks the pipeline but does not measure the model. With --ckpt it
-   only tests that checkpoint on data/synthetic_librispeech (--quick then shortens the throughput part alone).
+   only tests that checkpoint on data/synthetic_librispeech (--quick then shortens the throughput part alone), and
+   train_seconds is the training time logged in that checkpoint's run (train/time in its metrics.csv).
 --json PATH writes train_ratio_vs_torchaudio, test_cer, test_wer, heldout_voice_cer, train_seconds.
 """
 
@@ -137,6 +138,10 @@ def accuracy(quick: bool, ckpt: str | None, workdir: Path) -> dict:
         train_seconds = time.perf_counter() - start
         ckpt = str(sorted((runs_root / "speech" / "bench").glob("version_*/checkpoints/last.ckpt"),
                           key=lambda p: int(p.parts[-3][8:]))[-1])
+    else:  # the fit's own clock: the Throughput callback's train/time in the checkpoint's run folder
+        fit_metrics = Path(ckpt).resolve().parents[1] / "metrics.csv"
+        if fit_metrics.is_file():
+            train_seconds = last_metrics(fit_metrics).get("train/time")
     run(base + ["test", "-c", str(CONFIG), "--ckpt_path", ckpt] + overrides + runs)
     test_dir = sorted((runs_root / "speech" / "bench").glob("version_*"), key=lambda p: int(p.name[8:]))[-1]
     metrics = last_metrics(test_dir / "metrics.csv")
