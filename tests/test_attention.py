@@ -116,6 +116,41 @@ def test_kv_cache_decoding_equals_full_causal_forward(kind, position, window):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, **TOL)
 
 
+@pytest.mark.parametrize("causal,kind,position,window,prenorm", [
+    (False, "full", "none", None, True), (True, "full", "rope", None, True), (True, "full", "alibi", 6, True),
+    (False, "full", "learned", None, False), (True, "local", "rope", 4, True), (True, "linear", "none", None, True),
+    (False, "linear", "sinusoidal", None, True),
+])
+@pytest.mark.parametrize("query_index", [slice(0, 1), slice(1, None, 3), slice(-1, None)])
+def test_query_index_equals_full_forward_then_select(causal, kind, position, window, prenorm, query_index):
+    torch.manual_seed(0)
+    cfg = TransformerConfig(dim=32, depth=3, heads=4, causal=causal, attention=kind, window=window,
+                            position=position, prenorm=prenorm, max_len=64, qk_norm=True)
+    enc = TransformerEncoder(cfg).eval()
+    x = torch.randn(2, 12, 32, requires_grad=True)
+    pad = padding_mask([12, 9], 12) if kind != "linear" or not causal else None
+    full = enc(x, key_padding_mask=pad)[:, query_index]
+    selected = enc(x, key_padding_mask=pad, query_index=query_index)
+    torch.testing.assert_close(selected, full, **TOL)
+    # the same gradient reaches every input token, through the keys and values of the last block
+    (grad_full,) = torch.autograd.grad(full.square().sum(), x)
+    (grad_selected,) = torch.autograd.grad(selected.square().sum(), x)
+    torch.testing.assert_close(grad_selected, grad_full, **TOL)
+
+
+def test_query_index_with_kv_cache_and_cross_attention():
+    torch.manual_seed(0)
+    cfg = TransformerConfig(dim=32, depth=2, heads=4, causal=True, position="rope")
+    enc, dec = TransformerEncoder(cfg).eval(), TransformerDecoder(cfg).eval()
+    x, memory = torch.randn(2, 9, 32), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        cache = enc.new_cache()
+        enc(x[:, :6], cache=cache)
+        last = enc(x[:, 6:], cache=cache, query_index=slice(-1, None))  # decoding: only the newest output
+        torch.testing.assert_close(last, enc(x)[:, -1:], **TOL)
+        torch.testing.assert_close(dec(x, memory, query_index=slice(2, 5)), dec(x, memory)[:, 2:5], **TOL)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("alibi", [False, True])
 def test_local_attention_with_large_window_equals_full(causal, alibi):
@@ -124,7 +159,7 @@ def test_local_attention_with_large_window_equals_full(causal, alibi):
     pad = padding_mask([37, 30], 37)
     slopes = alibi_slopes(4) if alibi else None
     ref_mha = MultiHeadAttention(32, 4, causal=causal, position="alibi" if alibi else "none")
-    full = ref_mha._softmax_attention(q, k, v, 0, 0, pad, need_weights=False)[0]
+    full = ref_mha._softmax_attention(q, k, v, torch.arange(37), 0, False, pad, need_weights=False)[0]
     for window in (37, 64):
         local = local_attention(q, k, v, window=window, causal=causal, key_padding_mask=pad, slopes=slopes)
         torch.testing.assert_close(local, full, **TOL)

@@ -227,23 +227,37 @@ class MultiHeadAttention(nn.Module):
         key_padding_mask: Tensor | None = None,
         cache: LayerCache | None = None,
         need_weights: bool = False,
+        query_index: slice | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """x: (b n d); context: (b m d) for cross-attention; key_padding_mask: (b m), or (b n) for self-attention."""
+        """x: (b n d); context: (b m d) for cross-attention; key_padding_mask: (b m), or (b n) for self-attention.
+
+        query_index: the tokens of x whose outputs are wanted, e.g. slice(0, 1) for a class token; queries are
+        projected and attend only there, keys and values come from all of x. Output (b n' d), n' tokens selected.
+        """
         n = x.shape[1]
+        # linear attention's causal form runs over every query in order: it computes all, then selects
+        subset = query_index if self.kind != "linear" else None
+        queries = x if subset is None else x[:, subset]
         if self.cross:
             if context is None:
                 raise ValueError("cross-attention needs a context (b m d), found None")
-            q = self.q(x)
+            q = self.q(queries)
             k, v = self.kv(context).chunk(2, dim=-1)
-        else:
+        elif subset is None:
             q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:  # the fused weight's rows [q; k; v]: queries for the selected tokens only
+            d, weight, bias = x.shape[-1], self.qkv.weight, self.qkv.bias
+            q = F.linear(queries, weight[:d], None if bias is None else bias[:d])
+            k, v = F.linear(x, weight[d:], None if bias is None else bias[d:]).chunk(2, dim=-1)
         q, k, v = (rearrange(t, "b n (h e) -> b h n e", h=self.heads) for t in (q, k, v))
         q, k = self.q_norm(q), self.k_norm(k)
 
-        start = cache.seen if cache is not None else 0  # position of the first query (plain ints: no graph breaks)
+        start = cache.seen if cache is not None else 0  # position of the first token of x (plain ints)
         key_start = 0 if self.cross else start
+        query_pos = torch.arange(start, start + n, device=x.device)
+        query_pos = query_pos if subset is None else query_pos[subset]
         if self.rope is not None:
-            q = self.rope(q, torch.arange(start, start + n, device=x.device))
+            q = self.rope(q, query_pos)
             k = self.rope(k, torch.arange(key_start, key_start + k.shape[2], device=x.device))
 
         if self.kind == "linear":
@@ -253,10 +267,14 @@ class MultiHeadAttention(nn.Module):
                                           state=cache.linear if cache is not None else None)
             if cache is not None:
                 cache.linear, cache.seen = state, start + n
+            out = out if query_index is None else out[:, :, query_index]
         else:
             if cache is not None:
                 k, v, key_padding_mask, key_start = self._extend_cache(cache, k, v, key_padding_mask)
-            out, weights = self._softmax_attention(q, k, v, start, key_start, key_padding_mask, need_weights)
+            # queries and keys at the same positions: the block-wise local kernel and SDPA's causal path apply
+            aligned = not self.cross and subset is None and key_start == start and n == k.shape[2]
+            out, weights = self._softmax_attention(q, k, v, query_pos, key_start, aligned, key_padding_mask,
+                                                   need_weights)
 
         out = self.proj_drop(self.proj(rearrange(out, "b h n e -> b n (h e)")))
         return (out, weights) if need_weights else out
@@ -279,9 +297,9 @@ class MultiHeadAttention(nn.Module):
         cache.seen += new
         return k, v, padding, key_start
 
-    def _softmax_attention(self, q, k, v, query_start: int, key_start: int, key_padding_mask, need_weights):
+    def _softmax_attention(self, q, k, v, query_pos: Tensor, key_start: int, aligned: bool, key_padding_mask,
+                           need_weights):
         dropout_p = self.attn_dropout if self.training else 0.0
-        aligned = not self.cross and query_start == key_start and q.shape[2] == k.shape[2]  # same positions
         if self.kind == "local" and aligned and not need_weights:
             out = local_attention(q, k, v, window=self.window, causal=self.causal,
                                   key_padding_mask=key_padding_mask, slopes=self.slopes, dropout_p=dropout_p)
@@ -290,7 +308,6 @@ class MultiHeadAttention(nn.Module):
         if self.causal and aligned and not need_weights and self.window is None and key_padding_mask is None \
                 and self.slopes is None:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True), None
-        query_pos = torch.arange(query_start, query_start + q.shape[2], device=q.device)
         key_pos = torch.arange(key_start, key_start + k.shape[2], device=q.device)
         mask = allowed_keys(query_pos, key_pos, causal=self.causal, window=self.window,
                             key_padding_mask=key_padding_mask)

@@ -98,10 +98,14 @@ class TransformerBlock(nn.Module):
         self.ls2 = LayerScale(c.dim, c.layer_scale) if c.layer_scale else nn.Identity()
         self.drop_path = DropPath(drop_path)
 
-    def residual(self, x: Tensor, norm: nn.Module, branch, scale: nn.Module) -> Tensor:
+    def residual(self, x: Tensor, norm: nn.Module, branch, scale: nn.Module,
+                 query_index: slice | None = None) -> Tensor:
+        """x + branch(norm(x)) or norm(x + branch(x)); with query_index the branch sees all of x and the residual
+        keeps only the selected tokens (the branch returns those)."""
+        kept = x if query_index is None else x[:, query_index]
         if self.prenorm:
-            return x + self.drop_path(scale(branch(norm(x))))
-        return norm(x + self.drop_path(scale(branch(x))))
+            return kept + self.drop_path(scale(branch(norm(x))))
+        return norm(kept + self.drop_path(scale(branch(x))))
 
     def forward(
         self,
@@ -111,9 +115,11 @@ class TransformerBlock(nn.Module):
         key_padding_mask: Tensor | None = None,
         memory_padding_mask: Tensor | None = None,
         cache: LayerCache | None = None,
+        query_index: slice | None = None,
     ) -> Tensor:
-        x = self.residual(x, self.norm1, lambda h: self.attn(h, key_padding_mask=key_padding_mask, cache=cache),
-                          self.ls1)
+        """x (b n d) → (b n d), or (b n' d) for the n' tokens that query_index selects (see MultiHeadAttention)."""
+        x = self.residual(x, self.norm1, lambda h: self.attn(h, key_padding_mask=key_padding_mask, cache=cache,
+                                                             query_index=query_index), self.ls1, query_index)
         if memory is not None:
             x = self.residual(x, self.norm_cross,
                               lambda h: self.cross_attn(h, memory, key_padding_mask=memory_padding_mask),
@@ -157,13 +163,20 @@ class TransformerEncoder(_Stack):
     def __init__(self, config: TransformerConfig):
         super().__init__(config, cross=False)
 
-    def forward(self, x: Tensor, *, key_padding_mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        """x: (b n d); key_padding_mask: (b n) True at padding; cache: from new_cache(), extended in place."""
+    def forward(self, x: Tensor, *, key_padding_mask: Tensor | None = None, cache: KVCache | None = None,
+                query_index: slice | None = None) -> Tensor:
+        """x: (b n d); key_padding_mask: (b n) True at padding; cache: from new_cache(), extended in place.
+
+        query_index: only these tokens' outputs are wanted (b n' d), e.g. a class token or the last position;
+        the last block computes its queries, feed-forward and norm there alone (keys and values from all tokens).
+        """
         if cache is not None and len(cache) != len(self.blocks):
             raise ValueError(f"cache has {len(cache)} layers, the encoder has {len(self.blocks)}")
         x = self._add_positions(x, cache)
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x = block(x, key_padding_mask=key_padding_mask, cache=cache[i] if cache is not None else None)
+            x = block(x, key_padding_mask=key_padding_mask, cache=cache[i] if cache is not None else None,
+                      query_index=query_index if i == last else None)
         return self.norm(x)
 
 
@@ -181,9 +194,12 @@ class TransformerDecoder(_Stack):
         key_padding_mask: Tensor | None = None,
         memory_padding_mask: Tensor | None = None,
         cache: KVCache | None = None,
+        query_index: slice | None = None,
     ) -> Tensor:
+        """As TransformerEncoder.forward, with a memory (b m d) to cross-attend and its padding mask (b m)."""
         x = self._add_positions(x, cache)
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             x = block(x, memory, key_padding_mask=key_padding_mask, memory_padding_mask=memory_padding_mask,
-                      cache=cache[i] if cache is not None else None)
+                      cache=cache[i] if cache is not None else None, query_index=query_index if i == last else None)
         return self.norm(x)
