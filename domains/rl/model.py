@@ -115,8 +115,10 @@ class DecisionTransformer(nn.Module):
         token_padding = None
         if padding_mask is not None:
             token_padding = padding_mask.repeat_interleave(TOKENS_PER_STEP, dim=1)  # (b 3k)
-        hidden = self.encoder(self.embed(returns_to_go, states, actions, timesteps), key_padding_mask=token_padding)
-        return self.action_output(hidden[:, 1::TOKENS_PER_STEP])  # outputs at the state tokens
+        # outputs only at the state tokens: the last block computes its queries and feed-forward there alone
+        hidden = self.encoder(self.embed(returns_to_go, states, actions, timesteps), key_padding_mask=token_padding,
+                              query_index=slice(1, None, TOKENS_PER_STEP))  # (b k d)
+        return self.action_output(hidden)
 
     def action_output(self, hidden: Tensor) -> Tensor:
         out = self.head(hidden)
@@ -138,8 +140,8 @@ class DecisionTransformer(nn.Module):
                   self.embed_state(self.normalizer.states(state)) + time]
         if previous_action is not None:
             tokens.insert(0, self._embed_action(previous_action) + self._timestep((timestep - 1).clamp(min=0)))
-        hidden = self.encoder(self.embed_ln(torch.stack(tokens, dim=1)), cache=cache)  # (b 2|3 d)
-        return self.action_output(hidden[:, -1])
+        hidden = self.encoder(self.embed_ln(torch.stack(tokens, dim=1)), cache=cache, query_index=slice(-1, None))
+        return self.action_output(hidden[:, 0])  # at s_t, the newest token
 
 
 class BehaviourCloning(nn.Module):

@@ -187,8 +187,12 @@ class VisionTransformer(nn.Module):
         return [token.expand(batch, -1, -1) for token in tokens if token is not None]
 
     # ---- forward ----------------------------------------------------------------------------------------------
-    def forward_features(self, images: Tensor) -> Tensor:
-        """(b c H W) → (b t d): prefix tokens then patch tokens, after the blocks and the final norm."""
+    def forward_features(self, images: Tensor, *, query_index: slice | None = None) -> Tensor:
+        """(b c H W) → (b t d): prefix tokens then patch tokens, after the blocks and the final norm.
+
+        query_index: only these tokens come out (b t' d); the last block computes its queries there alone
+        (`readout_tokens` is what the classifier reads with token pooling).
+        """
         x, grid = self.patch_embed(images)  # (b n d)
         positions = self.position_table(grid)
         prefix = self.prefix_tokens(x.shape[0])
@@ -197,12 +201,20 @@ class VisionTransformer(nn.Module):
         else:
             x = torch.cat(prefix + [x], dim=1) + positions
         x = self.pos_drop(x)
-        for block in self.blocks:
-            x = block(x)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block(x, query_index=query_index if i == last else None)
         return self.norm(x)
 
+    @property
+    def readout_tokens(self) -> slice | None:
+        """The tokens the head reads: class (and distillation) token with token pooling; None (all) for avg."""
+        if self.config.global_pool == "avg":
+            return None
+        return slice(0, 2 if self.dist_token is not None else 1)
+
     def pool(self, x: Tensor) -> Tensor:
-        """(b t d) → (b d): the class token, or the mean of the patch tokens."""
+        """(b t d) → (b d): the class token (first), or the mean of the patch tokens."""
         return x[:, 0] if self.config.global_pool == "token" else x[:, self.num_prefix_tokens:].mean(dim=1)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -221,7 +233,7 @@ class VisionTransformer(nn.Module):
         return (cls, dist) if pre_logits else (self.head(cls), self.head_dist(dist))
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(images))
+        return self.forward_head(self.forward_features(images, query_index=self.readout_tokens))
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new, freshly initialised head (and distillation head) for num_classes (0: features only)."""

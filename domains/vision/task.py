@@ -87,7 +87,8 @@ class ImageClassificationTask(PolyformerTask):
     def step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         images, targets = batch  # (b c H W), (b,) labels or (b k) soft targets
         if stage == "train" and self.distillation is not None:
-            cls_logits, dist_logits = self.model.forward_heads(self.model.forward_features(images))
+            cls_logits, dist_logits = self.model.forward_heads(
+                self.model.forward_features(images, query_index=self.model.readout_tokens))
             teacher = self._teacher[0].to(images.device)
             with torch.no_grad():
                 teacher_labels = teacher(images).argmax(dim=-1)
