@@ -82,3 +82,21 @@ def test_rl_d4rl_normalisation():
     """D4RL's halfcheetah references (random −280.18, expert 12135.0): 0 and 100 at those returns."""
     np.testing.assert_allclose(d4rl_normalized("HalfCheetah-v5", np.array([-280.178953, 12135.0])), [0, 100])
     assert d4rl_normalized("CartPole-v1", np.array([1.0])) is None
+
+
+@pytest.mark.parametrize("name", ["medium", "medium_replay"])
+def test_rl_halfcheetah_configs_and_cpu_schedule_layer(name, tmp_path):
+    """The paper's configs parse and build; the CPU schedule file changes only the schedule, not the model."""
+    pytest.importorskip("mujoco", reason="HalfCheetah-v5 needs gymnasium[mujoco] (the rl extra)")
+    config = ["-c", str(ROOT / f"configs/rl/dt_halfcheetah_{name}.yaml")]
+    common = [f"--run.root={tmp_path}", "--trainer.accelerator=cpu"]
+    paper = PolyformerCLI(args=[*config, *common], run=False)
+    cpu = PolyformerCLI(args=[*config, "-c", str(ROOT / "configs/rl/halfcheetah_cpu_schedule.yaml"), *common],
+                        run=False)
+    for cli in (paper, cpu):
+        assert cli.model.model.context == 20 and cli.model.encoder_config.dim == 128
+        assert cli.model.evaluation.targets == [6000, 12000]
+    assert (paper.trainer.max_steps, paper.model.optimizer_config.lr, paper.datamodule.batch_size) == (100_000, 1e-4, 64)
+    assert (cpu.trainer.max_steps, cpu.model.optimizer_config.lr, cpu.datamodule.batch_size) == (10_000, 1e-3, 32)
+    assert cpu.model.encoder_config.dropout == 0.0 and paper.model.encoder_config.dropout == 0.1
+    assert Path(cpu.trainer.logger.log_dir).parent.name == f"dt_halfcheetah_{name}"  # named after the first file
