@@ -68,6 +68,20 @@ def test_fit_writes_run_layout_and_safe_checkpoint(tmp_path):
     assert (tmp_path / "core" / "sort_tiny" / "version_1").is_dir()  # a new run opens a new version
 
 
+def test_test_with_ckpt_path_last_evaluates_the_newest_checkpoint_in_a_new_version(tmp_path):
+    run(fit_command(tmp_path, "--trainer.max_epochs=1", "--data.init_args.train_size=256"))
+    fit_version = tmp_path / "core" / "sort_tiny" / "version_0"
+    fit_metrics = (fit_version / "metrics.csv").read_text()
+    run([*CLI, "test", "-c", str(CONFIG), f"--run.root={tmp_path}", *QUIET, "--ckpt_path=last"])
+    assert (fit_version / "metrics.csv").read_text() == fit_metrics, "the fit's metrics must survive a test run"
+    test_metrics = (tmp_path / "core" / "sort_tiny" / "version_1" / "metrics.csv").read_text()
+    assert "test/token_acc" in test_metrics
+    assert not (tmp_path / "core" / "sort_tiny" / "version_1" / "checkpoints" / "last.ckpt").exists()
+    again = subprocess.run([*CLI, "test", "-c", str(CONFIG), f"--run.root={tmp_path / 'empty'}", *QUIET,
+                            "--ckpt_path=last"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "found none" in again.stderr, again.stderr[-2000:]
+
+
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("kill_step", [10, 80])  # before the first checkpoint; in the middle of the third epoch
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, uninterrupted_run, kill_step):
@@ -80,9 +94,15 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, uninterrupted_
     last = tmp_path / "core" / "sort_tiny" / "version_0" / "checkpoints" / "last.ckpt"
     assert last.exists() == (kill_step > 32)
 
+    crashed_metrics = (last.parents[1] / "metrics.csv").read_text() if kill_step > 32 else None
+
     run(fit_command(tmp_path, *RESUME_ARGS, "--ckpt_path=last"))
-    assert not (tmp_path / "core" / "sort_tiny" / "version_1").exists(), "resume must continue the same version"
-    resumed = torch.load(last, weights_only=True)
+    resumed_version = tmp_path / "core" / "sort_tiny" / "version_1"  # the continued run logs in a new version
+    if crashed_metrics is not None:
+        assert (last.parents[1] / "metrics.csv").read_text() == crashed_metrics, "earlier metrics must stay intact"
+        rows = (resumed_version / "metrics.csv").read_text().splitlines()[1:]
+        assert min(int(row.split(",")[1]) for row in rows) > 32, "the resumed run continues from its checkpoint"
+    resumed = torch.load(resumed_version / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == uninterrupted_run["global_step"] == 128
     assert_same_weights(resumed["state_dict"], uninterrupted_run["state_dict"], atol=1e-6)
 

@@ -2,10 +2,10 @@
 
     polyformer fit -c configs/<domain>/<name>.yaml [--trainer.devices=2 --trainer.strategy=ddp] [--ckpt_path last]
 
-Runs land in runs/<domain>/<name>/version_N/ (metrics.csv, TensorBoard events, checkpoints/ with last.ckpt);
-<domain>/<name> come from the (first) config file's path unless --run.domain / --run.name say otherwise.
-`--ckpt_path last` works in the newest version of the run (fit resumes it, test/validate evaluate it) instead of
-opening a new one.
+Every command opens a new runs/<domain>/<name>/version_N/ (metrics.csv, TensorBoard events, config.yaml,
+checkpoints/ with last.ckpt); <domain>/<name> come from the (first) config file's path unless --run.domain /
+--run.name say otherwise. `--ckpt_path last` names the newest last.ckpt of the run: fit resumes from it, test /
+validate / predict evaluate it; either way the new version keeps its own metrics and the earlier ones stay intact.
 """
 
 from __future__ import annotations
@@ -22,17 +22,23 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from polyformer.training import PolyformerTask, Throughput, load_checkpoint
 
 
-def next_version(run_dir: Path, resume: bool) -> int:
-    """One past the newest version_N under run_dir; when resuming, the newest that holds checkpoints/last.ckpt
-    (a later `test` opens a version without one), else the newest."""
-    versions = sorted(int(m.group(1)) for p in run_dir.glob("version_*")
-                      if (m := re.fullmatch(r"version_(\d+)", p.name)))
-    if not versions:
-        return 0
-    if not resume:
-        return versions[-1] + 1
-    with_last = [v for v in versions if (run_dir / f"version_{v}" / "checkpoints" / "last.ckpt").is_file()]
-    return with_last[-1] if with_last else versions[-1]
+def version_numbers(run_dir: Path) -> list[int]:
+    return sorted(int(m.group(1)) for p in run_dir.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name)))
+
+
+def next_version(run_dir: Path) -> int:
+    """One past the newest version_N under run_dir (0 for a new run)."""
+    versions = version_numbers(run_dir)
+    return versions[-1] + 1 if versions else 0
+
+
+def newest_last_checkpoint(run_dir: Path) -> Path | None:
+    """checkpoints/last.ckpt of the newest version that has one (a test run's version has none)."""
+    for version in reversed(version_numbers(run_dir)):
+        path = run_dir / f"version_{version}" / "checkpoints" / "last.ckpt"
+        if path.is_file():
+            return path
+    return None
 
 
 class PolyformerCLI(LightningCLI):
@@ -58,8 +64,10 @@ class PolyformerCLI(LightningCLI):
 
     def parse_arguments(self, parser, args: Any) -> None:
         super().parse_arguments(parser, args)
-        # LightningCLI reads hyper-parameters from --ckpt_path next: refuse an unsafe file first, in plain words
         config = self.config.get(self.config.get("subcommand") or "", self.config)
+        if hasattr(config, "get") and config.get("ckpt_path") == "last":
+            config["ckpt_path"] = self.resolve_last(config)
+        # LightningCLI reads hyper-parameters from --ckpt_path next: refuse an unsafe file first, in plain words
         ckpt_path = config.get("ckpt_path") if hasattr(config, "get") else None
         if ckpt_path and Path(ckpt_path).is_file():
             try:
@@ -67,15 +75,30 @@ class PolyformerCLI(LightningCLI):
             except ValueError as error:
                 raise SystemExit(f"polyformer: --ckpt_path: {error}") from None
 
-    def run_location(self) -> tuple[Path, str, int]:
-        config = self.config[self.subcommand] if self.subcommand else self.config
+    @staticmethod
+    def run_folder(config) -> tuple[Path, str]:
+        """(runs root / domain, name) of a parsed subcommand config."""
         run = config["run"]
         files = [Path(str(p)) for p in (config.get("config") or [])]
         domain = run["domain"] or (files[0].parent.name if files else "default")
         name = run["name"] or (files[0].stem if files else "run")
-        resume = config.get("ckpt_path") == "last"  # continue (fit) or evaluate (test) the newest version
-        root = Path(run["root"]) / domain
-        return root, name, next_version(root / name, resume)
+        return Path(run["root"]) / domain, name
+
+    def resolve_last(self, config) -> str | None:
+        """--ckpt_path last → the run's newest last.ckpt; a fit with none starts afresh, an evaluation fails."""
+        root, name = self.run_folder(config)
+        path = newest_last_checkpoint(root / name)
+        if path is not None:
+            return str(path)
+        if self.config.get("subcommand") == "fit":
+            print(f"polyformer: --ckpt_path last: no checkpoints/last.ckpt under {root / name}; starting a new run")
+            return None
+        raise SystemExit(f"polyformer: --ckpt_path last: expected a version_N/checkpoints/last.ckpt under "
+                         f"{root / name}, found none")
+
+    def run_location(self) -> tuple[Path, str, int]:
+        root, name = self.run_folder(self.config[self.subcommand] if self.subcommand else self.config)
+        return root, name, next_version(root / name)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
