@@ -11,7 +11,8 @@
    data/synthetic_librispeech (made when missing, >= 75 min of training audio); --quick uses a small corpus in a
    temporary folder and one short epoch, which checks the pipeline but does not measure the model. With --ckpt it
    only tests that checkpoint on data/synthetic_librispeech (--quick then shortens the throughput part alone), and
-   train_seconds is the training time logged in that checkpoint's run (train/time in its metrics.csv).
+   train_seconds is the training time logged in that checkpoint's run (train/time in its metrics.csv: the
+   training loop without validation, and for a resumed fit only its last part), not the wall clock of a fit.
 --json PATH writes train_ratio_vs_torchaudio, test_cer, test_wer, heldout_voice_cer, train_seconds.
 """
 

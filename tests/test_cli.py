@@ -72,14 +72,24 @@ def test_test_with_ckpt_path_last_evaluates_the_newest_checkpoint_in_a_new_versi
     run(fit_command(tmp_path, "--trainer.max_epochs=1", "--data.init_args.train_size=256"))
     fit_version = tmp_path / "core" / "sort_tiny" / "version_0"
     fit_metrics = (fit_version / "metrics.csv").read_text()
-    run([*CLI, "test", "-c", str(CONFIG), f"--run.root={tmp_path}", *QUIET, "--ckpt_path=last"])
+    run([*CLI, "test", "-c", str(CONFIG), f"--run.root={tmp_path}", *QUIET, "--ckpt_path=last",
+         "--model.init_args.optimizer.lr=0.000123"])
     assert (fit_version / "metrics.csv").read_text() == fit_metrics, "the fit's metrics must survive a test run"
+    # the command line keeps the say over the checkpoint's saved hyper-parameters
+    assert "lr: 0.000123" in (tmp_path / "core" / "sort_tiny" / "version_1" / "config.yaml").read_text()
     test_metrics = (tmp_path / "core" / "sort_tiny" / "version_1" / "metrics.csv").read_text()
     assert "test/token_acc" in test_metrics
     assert not (tmp_path / "core" / "sort_tiny" / "version_1" / "checkpoints" / "last.ckpt").exists()
     again = subprocess.run([*CLI, "test", "-c", str(CONFIG), f"--run.root={tmp_path / 'empty'}", *QUIET,
                             "--ckpt_path=last"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert again.returncode != 0 and "found none" in again.stderr, again.stderr[-2000:]
+    # with --checkpoint.dirpath, `last` is the last.ckpt there
+    elsewhere = tmp_path / "elsewhere"
+    run(fit_command(tmp_path, "--trainer.max_epochs=1", "--data.init_args.train_size=256",
+                    f"--checkpoint.dirpath={elsewhere}"))
+    run([*CLI, "test", "-c", str(CONFIG), f"--run.root={tmp_path}", *QUIET, "--ckpt_path=last",
+         f"--checkpoint.dirpath={elsewhere}"])
+    assert "test/token_acc" in (tmp_path / "core" / "sort_tiny" / "version_3" / "metrics.csv").read_text()
 
 
 @pytest.mark.timeout(1800)

@@ -16,9 +16,10 @@ from polyformer.domains.vision.model import VisionTransformer
 
 @contextmanager
 def capture_attention(model: VisionTransformer):
-    """Within the block, every forward of `model` appends each block's attention weights (b h t t) to the list it
-    yields. A hook reruns the block's own attention with need_weights=True on the same input, so the residual path
-    is whatever the block does (pre- or post-norm)."""
+    """Within the block, every forward of `model` appends each block's attention weights (b h t' t) to the list it
+    yields: t' = t for `forward_features(images)`, while `model(images)` with token pooling computes the last block
+    for the class token alone (t' = 1 there). A hook reruns the block's own attention with need_weights=True on the
+    same input, so the residual path is whatever the block does (pre- or post-norm)."""
     maps: list[Tensor] = []
 
     def hook(module, args, kwargs, output):

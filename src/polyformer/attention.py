@@ -232,8 +232,10 @@ class MultiHeadAttention(nn.Module):
         """x: (b n d); context: (b m d) for cross-attention; key_padding_mask: (b m), or (b n) for self-attention.
 
         query_index: the tokens of x whose outputs are wanted, e.g. slice(0, 1) for a class token; queries are
-        projected and attend only there, keys and values come from all of x. Output (b n' d), n' tokens selected.
+        projected and attend only there (softmax kernels; the linear kernel computes all and selects), keys and
+        values come from all of x. Output (b n' d), n' tokens selected.
         """
+        query_index = None if query_index == slice(None) else query_index  # all tokens: keep the fast paths
         n = x.shape[1]
         # linear attention's causal form runs over every query in order: it computes all, then selects
         subset = query_index if self.kind != "linear" else None

@@ -5,7 +5,9 @@
 Every command opens a new runs/<domain>/<name>/version_N/ (metrics.csv, TensorBoard events, config.yaml,
 checkpoints/ with last.ckpt); <domain>/<name> come from the (first) config file's path unless --run.domain /
 --run.name say otherwise. `--ckpt_path last` names the newest last.ckpt of the run: fit resumes from it, test /
-validate / predict evaluate it; either way the new version keeps its own metrics and the earlier ones stay intact.
+validate / predict evaluate it; either way the new version keeps its own metrics and the earlier ones stay intact
+(a resumed fit's throughput clock, train/time, starts again at zero in its version). With --checkpoint.dirpath set,
+`last` is the last.ckpt there.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 from polyformer.training import PolyformerTask, Throughput, load_checkpoint
 
@@ -62,18 +65,31 @@ class PolyformerCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
 
-    def parse_arguments(self, parser, args: Any) -> None:
-        super().parse_arguments(parser, args)
-        config = self.config.get(self.config.get("subcommand") or "", self.config)
-        if hasattr(config, "get") and config.get("ckpt_path") == "last":
-            config["ckpt_path"] = self.resolve_last(config)
-        # LightningCLI reads hyper-parameters from --ckpt_path next: refuse an unsafe file first, in plain words
-        ckpt_path = config.get("ckpt_path") if hasattr(config, "get") else None
+    def subcommand_config(self):
+        return self.config.get(self.config.get("subcommand") or "", self.config)
+
+    @staticmethod
+    def refuse_unsafe_checkpoint(ckpt_path: str | None) -> None:
+        """A checkpoint whose pickle could run code is refused, in plain words, before anything loads it."""
         if ckpt_path and Path(ckpt_path).is_file():
             try:
                 load_checkpoint(ckpt_path)
             except ValueError as error:
                 raise SystemExit(f"polyformer: --ckpt_path: {error}") from None
+
+    def parse_arguments(self, parser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads hyper-parameters from an explicit --ckpt_path next: check the file first
+        config = self.subcommand_config()
+        self.refuse_unsafe_checkpoint(config.get("ckpt_path") if hasattr(config, "get") else None)
+
+    def before_instantiate_classes(self) -> None:
+        # resolved only now, after LightningCLI's reading of hyper-parameters from an explicit path: with `last`
+        # the config and the command line keep the say, as they did when Lightning resolved `last` itself
+        config = self.subcommand_config()
+        if hasattr(config, "get") and config.get("ckpt_path") == "last":
+            config["ckpt_path"] = self.resolve_last(config)
+            self.refuse_unsafe_checkpoint(config["ckpt_path"])
 
     @staticmethod
     def run_folder(config) -> tuple[Path, str]:
@@ -85,16 +101,21 @@ class PolyformerCLI(LightningCLI):
         return Path(run["root"]) / domain, name
 
     def resolve_last(self, config) -> str | None:
-        """--ckpt_path last → the run's newest last.ckpt; a fit with none starts afresh, an evaluation fails."""
-        root, name = self.run_folder(config)
-        path = newest_last_checkpoint(root / name)
+        """--ckpt_path last → last.ckpt in --checkpoint.dirpath when set, else the run's newest
+        version_N/checkpoints/last.ckpt; a fit with none starts afresh, an evaluation fails."""
+        dirpath = (config.get("checkpoint") or {}).get("dirpath")
+        if dirpath:
+            where, path = Path(dirpath), Path(dirpath) / "last.ckpt"
+            path = path if path.is_file() else None
+        else:
+            root, name = self.run_folder(config)
+            where, path = root / name, newest_last_checkpoint(root / name)
         if path is not None:
             return str(path)
         if self.config.get("subcommand") == "fit":
-            print(f"polyformer: --ckpt_path last: no checkpoints/last.ckpt under {root / name}; starting a new run")
+            rank_zero_warn(f"--ckpt_path last: no last.ckpt under {where}; starting a new run")
             return None
-        raise SystemExit(f"polyformer: --ckpt_path last: expected a version_N/checkpoints/last.ckpt under "
-                         f"{root / name}, found none")
+        raise SystemExit(f"polyformer: --ckpt_path last: expected a last.ckpt under {where}, found none")
 
     def run_location(self) -> tuple[Path, str, int]:
         root, name = self.run_folder(self.config[self.subcommand] if self.subcommand else self.config)

@@ -168,7 +168,8 @@ class TransformerEncoder(_Stack):
         """x: (b n d); key_padding_mask: (b n) True at padding; cache: from new_cache(), extended in place.
 
         query_index: only these tokens' outputs are wanted (b n' d), e.g. a class token or the last position;
-        the last block computes its queries, feed-forward and norm there alone (keys and values from all tokens).
+        the last block computes its queries, feed-forward and norm there alone (keys and values from all tokens;
+        linear attention computes every output of that block's attention and selects).
         """
         if cache is not None and len(cache) != len(self.blocks):
             raise ValueError(f"cache has {len(cache)} layers, the encoder has {len(self.blocks)}")
