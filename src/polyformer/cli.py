@@ -66,6 +66,7 @@ class PolyformerCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True})
 
     def subcommand_config(self):
+        """The parsed config of the running subcommand (fit, test, ...), or the whole config without one."""
         return self.config.get(self.config.get("subcommand") or "", self.config)
 
     @staticmethod
@@ -80,14 +81,13 @@ class PolyformerCLI(LightningCLI):
     def parse_arguments(self, parser, args: Any) -> None:
         super().parse_arguments(parser, args)
         # LightningCLI reads hyper-parameters from an explicit --ckpt_path next: check the file first
-        config = self.subcommand_config()
-        self.refuse_unsafe_checkpoint(config.get("ckpt_path") if hasattr(config, "get") else None)
+        self.refuse_unsafe_checkpoint(self.subcommand_config().get("ckpt_path"))
 
     def before_instantiate_classes(self) -> None:
         # resolved only now, after LightningCLI's reading of hyper-parameters from an explicit path: with `last`
         # the config and the command line keep the say, as they did when Lightning resolved `last` itself
         config = self.subcommand_config()
-        if hasattr(config, "get") and config.get("ckpt_path") == "last":
+        if config.get("ckpt_path") == "last":
             config["ckpt_path"] = self.resolve_last(config)
             self.refuse_unsafe_checkpoint(config["ckpt_path"])
 
@@ -118,7 +118,7 @@ class PolyformerCLI(LightningCLI):
         raise SystemExit(f"polyformer: --ckpt_path last: expected a last.ckpt under {where}, found none")
 
     def run_location(self) -> tuple[Path, str, int]:
-        root, name = self.run_folder(self.config[self.subcommand] if self.subcommand else self.config)
+        root, name = self.run_folder(self.subcommand_config())
         return root, name, next_version(root / name)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
