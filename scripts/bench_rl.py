@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from polyformer.cli import newest_with
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -66,19 +68,17 @@ def halfcheetah(runs: Path) -> dict:
     """The newest eval.json of each HalfCheetah target run (and BC run), at the paper's target 6,000."""
     found = {}
     for name in ("medium", "medium_replay"):
-        files = sorted((runs / f"dt_halfcheetah_{name}").glob("version_*/eval.json"),
-                       key=lambda p: int(p.parent.name.split("_")[1]))
-        if not files:
+        dt_eval = newest_with(runs / f"dt_halfcheetah_{name}", "eval.json")
+        if dt_eval is None:
             continue
-        rows = json.loads(files[-1].read_text())
+        rows = json.loads(dt_eval.read_text())
         at_6000 = next((row for row in rows if row["target"] == 6000), rows[0])
-        found[name] = {"path": str(files[-1]), "rows": rows, "return": at_6000["return_mean"],
+        found[name] = {"path": str(dt_eval), "rows": rows, "return": at_6000["return_mean"],
                        "normalized": at_6000.get("normalized_mean"), "target": at_6000["target"]}
-        bc_files = sorted((runs / f"bc_halfcheetah_{name}").glob("version_*/eval.json"),
-                          key=lambda p: int(p.parent.name.split("_")[1]))
-        if bc_files:  # the BC baseline on the same data, when it was run (configs/rl/bc_halfcheetah_medium.yaml)
-            found[name]["bc_path"] = str(bc_files[-1])
-            found[name]["bc_row"] = json.loads(bc_files[-1].read_text())[0]
+        bc_eval = newest_with(runs / f"bc_halfcheetah_{name}", "eval.json")
+        if bc_eval is not None:  # the BC baseline on the same data, when it was run (configs/rl/bc_halfcheetah_medium.yaml)
+            found[name]["bc_path"] = str(bc_eval)
+            found[name]["bc_row"] = json.loads(bc_eval.read_text())[0]
     return found
 
 

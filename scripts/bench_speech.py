@@ -35,6 +35,7 @@ import torchaudio
 import yaml
 from torch import Tensor, nn
 
+from polyformer.cli import newest_version, newest_with
 from polyformer.domains.speech.conformer import ConformerConfig
 from polyformer.domains.speech.model import SpeechModelConfig, SpeechRecognizer
 from polyformer.domains.speech.frontend import FeatureConfig, SpecAugmentConfig
@@ -137,14 +138,13 @@ def accuracy(quick: bool, ckpt: str | None, workdir: Path) -> dict:
         start = time.perf_counter()
         run(base + ["fit", "-c", str(CONFIG)] + overrides + runs)
         train_seconds = time.perf_counter() - start
-        ckpt = str(sorted((runs_root / "speech" / "bench").glob("version_*/checkpoints/last.ckpt"),
-                          key=lambda p: int(p.parts[-3][8:]))[-1])
+        ckpt = str(newest_with(runs_root / "speech" / "bench", "checkpoints/last.ckpt"))
     else:  # the fit's own clock: the Throughput callback's train/time in the checkpoint's run folder
         fit_metrics = Path(ckpt).resolve().parents[1] / "metrics.csv"
         if fit_metrics.is_file():
             train_seconds = last_metrics(fit_metrics).get("train/time")
     run(base + ["test", "-c", str(CONFIG), "--ckpt_path", ckpt] + overrides + runs)
-    test_dir = sorted((runs_root / "speech" / "bench").glob("version_*"), key=lambda p: int(p.name[8:]))[-1]
+    test_dir = newest_version(runs_root / "speech" / "bench")
     metrics = last_metrics(test_dir / "metrics.csv")
     return {"test_cer": metrics["test/cer"], "test_wer": metrics["test/wer"],
             "heldout_voice_cer": metrics["heldout/cer"], "heldout_voice_wer": metrics["heldout/wer"],

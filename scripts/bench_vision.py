@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from polyformer.cli import newest_version
+
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = ROOT / "configs" / "vision" / "vit_tiny_digits.yaml"
 
@@ -84,13 +86,6 @@ def throughput(model_name: str, batch: int, img_size: int, rounds: int, repeats:
     return result
 
 
-def latest_run(root: Path) -> Path:
-    versions = sorted(root.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-    if not versions:
-        raise FileNotFoundError(f"no version_N under {root}")
-    return versions[-1]
-
-
 def test_accuracy(run: Path) -> float:
     """test/acc1 of a run's last checkpoint, with the datamodule its saved config.yaml names."""
     from polyformer.domains.vision import ImageClassificationTask
@@ -112,7 +107,7 @@ def train_digits(run_root: Path, extra: list[str]) -> tuple[float, float, Path]:
     cpu_seconds = cpu.ru_utime + cpu.ru_stime - cpu_start.ru_utime - cpu_start.ru_stime
     print(f"    wall {seconds:.1f} s, CPU {cpu_seconds:.1f} s (user + system; the wall time includes waiting for a busy "
           f"machine)", flush=True)
-    run = latest_run(run_root / "vision" / "vit_tiny_digits")
+    run = newest_version(run_root / "vision" / "vit_tiny_digits")
     return seconds, test_accuracy(run), run
 
 

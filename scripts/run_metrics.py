@@ -4,16 +4,10 @@
 """
 
 import csv
-import re
 import sys
 from pathlib import Path
 
-
-def newest_version(run_dir: Path) -> Path:
-    versions = [p for p in run_dir.glob("version_*") if re.fullmatch(r"version_\d+", p.name)]
-    if not versions:
-        raise SystemExit(f"run_metrics: no version_N folder under {run_dir}")
-    return max(versions, key=lambda p: int(p.name.split("_")[1]))
+from polyformer.cli import newest_version
 
 
 def last_values(metrics_csv: Path) -> dict[str, str]:
@@ -28,7 +22,10 @@ def main() -> None:
     if len(sys.argv) < 3:
         raise SystemExit(__doc__)
     run_dir, names = Path(sys.argv[1]), sys.argv[2:]
-    values = last_values(newest_version(run_dir) / "metrics.csv")
+    try:
+        values = last_values(newest_version(run_dir) / "metrics.csv")
+    except FileNotFoundError as error:
+        raise SystemExit(f"run_metrics: {error}") from None
     missing = [n for n in names if n not in values]
     if missing:
         raise SystemExit(f"run_metrics: {missing} not logged in {run_dir}; logged: {sorted(values)}")

@@ -26,6 +26,7 @@ from polyformer.training import PolyformerTask, Throughput, load_checkpoint
 
 
 def version_numbers(run_dir: Path) -> list[int]:
+    """N of every version_N folder under run_dir, ascending."""
     return sorted(int(m.group(1)) for p in run_dir.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name)))
 
 
@@ -35,10 +36,19 @@ def next_version(run_dir: Path) -> int:
     return versions[-1] + 1 if versions else 0
 
 
-def newest_last_checkpoint(run_dir: Path) -> Path | None:
-    """checkpoints/last.ckpt of the newest version that has one (a test run's version has none)."""
+def newest_version(run_dir: Path) -> Path:
+    """The newest version_N folder of a run."""
+    versions = version_numbers(run_dir)
+    if not versions:
+        raise FileNotFoundError(f"no version_N folder under {run_dir}")
+    return run_dir / f"version_{versions[-1]}"
+
+
+def newest_with(run_dir: Path, relative: str) -> Path | None:
+    """version_N/<relative> of the newest version that holds it, e.g. checkpoints/last.ckpt (a test run's version
+    has none) or a task's eval.json."""
     for version in reversed(version_numbers(run_dir)):
-        path = run_dir / f"version_{version}" / "checkpoints" / "last.ckpt"
+        path = run_dir / f"version_{version}" / relative
         if path.is_file():
             return path
     return None
@@ -109,7 +119,7 @@ class PolyformerCLI(LightningCLI):
             path = path if path.is_file() else None
         else:
             root, name = self.run_folder(config)
-            where, path = root / name, newest_last_checkpoint(root / name)
+            where, path = root / name, newest_with(root / name, "checkpoints/last.ckpt")
         if path is not None:
             return str(path)
         if self.config.get("subcommand") == "fit":
