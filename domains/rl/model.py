@@ -85,19 +85,23 @@ class DecisionTransformer(nn.Module):
         return len(self.encoder.blocks) * self.context + 1
 
     def _timestep(self, timesteps: Tensor) -> Tensor:
-        if int(timesteps.max()) >= self.max_ep_len or int(timesteps.min()) < 0:
-            raise ValueError(f"timesteps must lie in [0, max_ep_len={self.max_ep_len}), found "
-                             f"[{int(timesteps.min())}, {int(timesteps.max())}]")
+        low, high = (int(t) for t in torch.aminmax(timesteps))  # one reduction, read once
+        if high >= self.max_ep_len or low < 0:
+            raise ValueError(f"timesteps must lie in [0, max_ep_len={self.max_ep_len}), found [{low}, {high}]")
         return self.embed_timestep(timesteps)
 
     def _embed_action(self, actions: Tensor) -> Tensor:
         return self.embed_action(actions.long() if self.discrete else actions)
 
+    def _embed_return_and_state(self, returns_to_go: Tensor, states: Tensor, time: Tensor) -> tuple[Tensor, Tensor]:
+        """R and s tokens, each plus its timestep's embedding: returns_to_go (...), states (... s) → (... d) twice."""
+        r = self.embed_return(self.normalizer.returns(returns_to_go)[..., None]) + time
+        return r, self.embed_state(self.normalizer.states(states)) + time
+
     def embed(self, returns_to_go: Tensor, states: Tensor, actions: Tensor, timesteps: Tensor) -> Tensor:
         """returns_to_go (b k), states (b k s), actions (b k a) or (b k) indices, timesteps (b k) → (b 3k d)."""
         time = self._timestep(timesteps)
-        r = self.embed_return(self.normalizer.returns(returns_to_go)[..., None]) + time
-        s = self.embed_state(self.normalizer.states(states)) + time
+        r, s = self._embed_return_and_state(returns_to_go, states, time)
         a = self._embed_action(actions) + time
         tokens = rearrange(torch.stack((r, s, a), dim=2), "b k three d -> b (k three) d")
         return self.embed_ln(tokens)
@@ -136,10 +140,9 @@ class DecisionTransformer(nn.Module):
         None at t = 0.
         """
         time = self._timestep(timestep)
-        tokens = [self.embed_return(self.normalizer.returns(returns_to_go)[:, None]) + time,
-                  self.embed_state(self.normalizer.states(state)) + time]
-        if previous_action is not None:
-            tokens.insert(0, self._embed_action(previous_action) + self._timestep((timestep - 1).clamp(min=0)))
+        tokens = list(self._embed_return_and_state(returns_to_go, state, time))
+        if previous_action is not None:  # a_{t-1} at step t − 1, inside the range just checked
+            tokens.insert(0, self._embed_action(previous_action) + self.embed_timestep((timestep - 1).clamp(min=0)))
         hidden = self.encoder(self.embed_ln(torch.stack(tokens, dim=1)), cache=cache, query_index=slice(-1, None))
         return self.action_output(hidden[:, 0])  # at s_t, the newest token
 
