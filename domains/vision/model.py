@@ -128,7 +128,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim)) if c.class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, c.reg_tokens, c.dim)) if c.reg_tokens else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, c.dim)) if c.distilled else None
-        positions = c.grid[0] * c.grid[1] + (0 if c.no_embed_class else self.num_prefix_tokens)
+        positions = c.grid[0] * c.grid[1] + self.prefix_positions
         self.pos_embed = nn.Parameter(torch.zeros(1, positions, c.dim))
         self.pos_drop = nn.Dropout(c.pos_drop_rate)
         # the core encoder builds the blocks (drop-path schedule, init); its modules are kept under timm's names
@@ -167,9 +167,18 @@ class VisionTransformer(nn.Module):
         prefix rows untouched (timm's dynamic_img_size / resample_abs_pos_embed)."""
         if tuple(grid) == tuple(self.grid):
             return self.pos_embed
-        prefix = 0 if self.config.no_embed_class else self.num_prefix_tokens
-        patches = resample_2d(self.pos_embed[0, prefix:], self.grid, grid)
-        return torch.cat((self.pos_embed[:, :prefix], patches[None]), dim=1)
+        return self.resample_table(self.pos_embed, self.grid, grid)
+
+    @property
+    def prefix_positions(self) -> int:
+        """Rows of the position table that belong to prefix tokens (none with no_embed_class)."""
+        return 0 if self.config.no_embed_class else self.num_prefix_tokens
+
+    def resample_table(self, table: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:
+        """(1, prefix + old patches, d) → (1, prefix + new patches, d): patch rows resampled, prefix rows kept."""
+        prefix = self.prefix_positions
+        patches = resample_2d(table[0, prefix:], old_grid, new_grid)
+        return torch.cat((table[:, :prefix], patches[None]), dim=1)
 
     def set_image_size(self, img_size: int | tuple[int, int]) -> None:
         """Resamples the position table to a new training resolution for good (fine-tuning at another size)."""
@@ -267,13 +276,12 @@ class VisionTransformer(nn.Module):
         state = dict(state_dict)
         table = state.get("pos_embed")
         if table is not None and table.shape != self.pos_embed.shape:
-            prefix = 0 if self.config.no_embed_class else self.num_prefix_tokens
+            prefix = self.prefix_positions
             side = round((table.shape[1] - prefix) ** 0.5)
             if side * side != table.shape[1] - prefix:
                 raise ValueError(f"pos_embed of shape {tuple(table.shape)} is not a square grid plus {prefix} prefix "
                                  f"rows; cannot resample it to grid {self.grid}")
-            patches = resample_2d(table[0, prefix:], (side, side), self.grid)
-            state["pos_embed"] = torch.cat((table[:, :prefix], patches[None]), dim=1)
+            state["pos_embed"] = self.resample_table(table, (side, side), self.grid)
             log.info("resampled pos_embed from grid %sx%s to %s", side, side, self.grid)
         own = self.state_dict()
         for key in ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias"):

@@ -53,6 +53,5 @@ def attention_rollout(model: VisionTransformer, images: Tensor, residual: float 
         mixed = mixed / mixed.sum(dim=-1, keepdim=True)
         rollout = mixed @ rollout
     gh, gw = images.shape[-2] // model.config.patch_size, images.shape[-1] // model.config.patch_size
-    p = model.num_prefix_tokens
-    pooled = rollout[:, 0] if model.config.global_pool == "token" else rollout[:, p:].mean(dim=1)  # (b t)
-    return pooled[:, p:].reshape(-1, gh, gw)
+    pooled = model.pool(rollout)  # (b t): the class token's row, or the mean of the patch tokens' rows
+    return pooled[:, model.num_prefix_tokens:].reshape(-1, gh, gw)
