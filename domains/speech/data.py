@@ -211,6 +211,7 @@ class LibriSpeechDataModule(L.LightningDataModule):
         self.num_buckets, self.num_workers, self.sample_rate = num_buckets, num_workers, sample_rate
         self.skip_bad, self.download, self.stats_utterances, self.seed = skip_bad, download, stats_utterances, seed
         self.splits: dict[str, list[Utterance]] = {}
+        self.train_set: list[Utterance] | None = None
 
     def prepare_data(self) -> None:
         if not self.download:
@@ -228,6 +229,9 @@ class LibriSpeechDataModule(L.LightningDataModule):
         return self.splits[split]
 
     def train_utterances(self) -> list[Utterance]:
+        """The training splits without utterances over max_duration; filtered (and the drop logged) once."""
+        if self.train_set is not None:
+            return self.train_set
         everything = [u for split in self.train_splits for u in self.utterances(split)]
         kept = [u for u in everything if u.duration <= self.max_duration]
         if len(kept) < len(everything):
@@ -235,11 +239,12 @@ class LibriSpeechDataModule(L.LightningDataModule):
                         len(everything) - len(kept), len(everything), self.max_duration)
         if not kept:
             raise ValueError(f"no training utterance is at most max_duration={self.max_duration} s long")
+        self.train_set = kept
         return kept
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
-            self.train_set = self.train_utterances()
+            self.train_utterances()
         if stage in (None, "fit", "validate"):
             self.val_set = [u for split in self.val_splits for u in self.utterances(split)]
         if stage in (None, "test"):
