@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from polyformer.domains.rl.model import BehaviourCloning, DecisionTransformer
+from polyformer.training import eval_mode
 
 # D4RL's reference returns (random policy, expert policy) from d4rl/infos.py (Fu et al. 2020,
 # https://github.com/Farama-Foundation/D4RL/blob/master/d4rl/infos.py, REF_MIN_SCORE / REF_MAX_SCORE).
@@ -97,12 +98,11 @@ class DTPolicy:
         keep = self.model.receptive_steps
         for key, value in (("returns_to_go", self.returns_to_go), ("states", state), ("timesteps", timestep)):
             self.history[key] = (self.history[key] + [value])[-keep:]
-        self.history["actions"] = self.history["actions"][-(keep - 1):] if keep > 1 else []
-        steps = len(self.history["states"])
+        self.history["actions"] = self.history["actions"][-(keep - 1):]  # one fewer than states (keep >= 2)
         # the current action is unknown: a placeholder, which the causal mask hides from the state token before it
         placeholder = torch.zeros(state.shape[0], dtype=torch.long, device=self.device) if self.model.discrete \
             else state.new_zeros(state.shape[0], self.model.action_dim)
-        actions = self.history["actions"][len(self.history["actions"]) - (steps - 1):] + [placeholder]
+        actions = self.history["actions"] + [placeholder]
         return self.model(
             torch.stack(self.history["returns_to_go"], dim=1), torch.stack(self.history["states"], dim=1),
             torch.stack(actions, dim=1), torch.stack(self.history["timesteps"], dim=1),
@@ -165,13 +165,11 @@ def summarize(env_id: str, target: float | None, returns: np.ndarray, lengths: n
 
 def evaluate_dt(model: DecisionTransformer, env_id: str, config: RolloutConfig) -> list[dict]:
     """One row per target: mean ± std return (and D4RL-normalised score) over config.episodes episodes."""
-    was_training = model.training
-    model.eval()
     targets = torch.tensor(config.targets, dtype=torch.float32).repeat_interleave(config.episodes)
     seeds = [config.seed + i for i in range(config.episodes)] * len(config.targets)
-    policy = DTPolicy(model, targets, cache=config.cache, sample=config.sample, seed=config.seed)
-    returns, lengths, seconds = run_episodes(policy, env_id, seeds)
-    model.train(was_training)
+    with eval_mode(model):
+        policy = DTPolicy(model, targets, cache=config.cache, sample=config.sample, seed=config.seed)
+        returns, lengths, seconds = run_episodes(policy, env_id, seeds)
     rows = []
     for i, target in enumerate(config.targets):
         part = slice(i * config.episodes, (i + 1) * config.episodes)
@@ -180,11 +178,9 @@ def evaluate_dt(model: DecisionTransformer, env_id: str, config: RolloutConfig) 
 
 
 def evaluate_bc(model: BehaviourCloning, env_id: str, config: RolloutConfig) -> list[dict]:
-    was_training = model.training
-    model.eval()
-    returns, lengths, seconds = run_episodes(BCPolicy(model, sample=config.sample, seed=config.seed), env_id,
-                                             [config.seed + i for i in range(config.episodes)])
-    model.train(was_training)
+    with eval_mode(model):
+        returns, lengths, seconds = run_episodes(BCPolicy(model, sample=config.sample, seed=config.seed), env_id,
+                                                 [config.seed + i for i in range(config.episodes)])
     return [summarize(env_id, None, returns, lengths) | {"seconds_per_step": seconds}]
 
 

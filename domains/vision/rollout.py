@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from polyformer.domains.vision.model import VisionTransformer
+from polyformer.training import eval_mode
 
 
 @contextmanager
@@ -41,11 +42,8 @@ def attention_rollout(model: VisionTransformer, images: Tensor, residual: float 
     Per layer the head-averaged weights A are mixed with the identity for the residual connection,
     Â = residual·I + (1 − residual)·A, rows renormalised, and the layers multiplied: R = Â_L ⋯ Â_1.
     """
-    was_training = model.training
-    model.eval()
-    with capture_attention(model) as maps:
+    with eval_mode(model), capture_attention(model) as maps:
         model.forward_features(images)
-    model.train(was_training)
     t = maps[0].shape[-1]
     rollout = torch.eye(t, device=images.device).expand(images.shape[0], t, t)
     for weights in maps:

@@ -12,6 +12,8 @@ import math
 import pickle
 import random
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +22,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from polyformer.data import global_seed
@@ -81,6 +83,17 @@ def to_plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode inside the block (rollouts, figures), its previous mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu") -> dict:
