@@ -76,7 +76,7 @@ def halfcheetah(runs: Path) -> dict:
         found[name] = {"path": str(dt_eval), "rows": rows, "return": at_6000["return_mean"],
                        "normalized": at_6000.get("normalized_mean"), "target": at_6000["target"]}
         bc_eval = newest_with(runs / f"bc_halfcheetah_{name}", "eval.json")
-        if bc_eval is not None:  # the BC baseline on the same data, when it was run (configs/rl/bc_halfcheetah_medium.yaml)
+        if bc_eval is not None:  # BC on the same data, when it was run (configs/rl/bc_halfcheetah_medium.yaml)
             found[name]["bc_path"] = str(bc_eval)
             found[name]["bc_row"] = json.loads(bc_eval.read_text())[0]
     return found

@@ -100,14 +100,19 @@ def space_dims(space: gym.Space, what: str, source: str) -> tuple[int, bool]:
     raise ValueError(f"{source}: {what} must be a 1-D Box or a Discrete space, found {space}")
 
 
-def check_spaces(name: str, observation_space: gym.Space, action_space: gym.Space, env: gym.Env) -> None:
-    """A dataset must record the observation and action spaces of the environment it is evaluated in."""
+def check_spaces(name: str, observation_space: gym.Space, action_space: gym.Space,
+                 env: gym.Env) -> list[tuple[int, bool]]:
+    """A dataset must record the observation and action spaces of the environment it is evaluated in; returns the
+    space_dims of its observations and actions."""
+    dims = []
     for field, data_space, env_space in (("observation_space", observation_space, env.observation_space),
                                          ("action_space", action_space, env.action_space)):
         data_dims = space_dims(data_space, field, f"dataset {name}")
         env_dims = space_dims(env_space, field, f"environment {env.spec.id if env.spec else env}")
         if data_dims != env_dims:
             raise ValueError(f"dataset {name}: {field} {data_space} does not match the environment's {env_space}")
+        dims.append(data_dims)
+    return dims
 
 
 def check_episode(name: str, index: int, episode: Episode, state_dim: int) -> None:
@@ -164,11 +169,9 @@ def load_offline_data(dataset: str, env_id: str | None = None, *, root: str | Pa
         raise ValueError(f"dataset {dataset} records no environment; pass env_id")
     env = gym.make(env_id)
     try:
-        check_spaces(dataset, data.observation_space, data.action_space, env)
+        (state_dim, _), (action_dim, discrete) = check_spaces(dataset, data.observation_space, data.action_space, env)
     finally:
         env.close()
-    state_dim, _ = space_dims(data.observation_space, "observation_space", dataset)
-    action_dim, discrete = space_dims(data.action_space, "action_space", dataset)
     metadata = data.storage.metadata
     return OfflineData(
         name=dataset, env_id=env_id,
