@@ -4,8 +4,10 @@ Layout: <root>/LibriSpeech/<split>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>
 <speaker>-<chapter>.trans.txt ("<utt-id> TRANSCRIPT" per line). Real LibriSpeech (download: true fetches it through
 torchaudio.datasets.LIBRISPEECH) and the synthetic corpus of scripts/make_synthetic_librispeech.py read the same way.
 
-Bad input: a transcript line without audio, an unreadable or corrupt FLAC, audio not at the expected sample rate or
-not mono raise a ValueError naming the file, unless `skip_bad` is set, in which case each is logged and counted.
+Bad input: a transcript line without audio, a FLAC file without a transcript line, a line that is not
+"<utterance-id> TRANSCRIPT" or repeats an id, a transcript with characters other than LibriSpeech's (A-Z, apostrophe,
+space), an unreadable or corrupt FLAC, audio not at the expected sample rate or not mono raise a ValueError naming the
+file (and line), unless `skip_bad` is set, in which case each is logged and counted.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from polyformer.data import global_seed, shared_data_dir
+from polyformer.domains.speech.tokens import CharTokenizer
 
 log = logging.getLogger(__name__)
+TRANSCRIPT_CHARS = frozenset(CharTokenizer.symbols)  # LibriSpeech's: upper-case A-Z, apostrophe and space
 
 
 @dataclass
@@ -39,6 +43,19 @@ class Utterance:
 
 class BadAudio(ValueError):
     """An utterance that cannot be used as it is: the message names the file and what is wrong."""
+
+
+def check_line(where: str, line: str) -> str:
+    """The transcript of a line "<utterance-id> TRANSCRIPT"; BadAudio naming `where` (file:line) when malformed."""
+    utt_id, _, text = line.strip().partition(" ")
+    text = text.strip()
+    if not text or Path(utt_id).name != utt_id:
+        raise BadAudio(f"{where}: expected '<utterance-id> TRANSCRIPT', found {line!r}")
+    if not TRANSCRIPT_CHARS.issuperset(text):
+        bad = next(c for c in text if c not in TRANSCRIPT_CHARS)
+        raise BadAudio(f"{where}: transcript of {utt_id} has character {bad!r}; expected upper-case A-Z, apostrophe "
+                       f"and space (LibriSpeech's)")
+    return text
 
 
 def check_audio(path: Path, sample_rate: int) -> float:
@@ -60,24 +77,41 @@ def read_split(root: Path, split: str, *, sample_rate: int = 16_000, skip_bad: b
     if not folder.is_dir():
         raise FileNotFoundError(f"split {split!r}: expected the folder {folder} (LibriSpeech layout), found none")
     utterances, skipped = [], 0
+    named: dict[Path, str] = {}  # audio path → the transcript line that names it
+
+    def bad(error: BadAudio) -> None:
+        nonlocal skipped
+        if not skip_bad:
+            raise error
+        skipped += 1
+        log.warning("skipping bad utterance %d of split %s: %s", skipped, split, error)
+
     for transcript_file in sorted(folder.glob("*/*/*.trans.txt")):
-        for line_no, line in enumerate(transcript_file.read_text().splitlines(), 1):
+        try:
+            lines = transcript_file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{transcript_file}: expected UTF-8 text, found byte {error.object[error.start]:#04x} "
+                             f"at offset {error.start}") from None
+        for line_no, line in enumerate(lines, 1):
             if not line.strip():
                 continue
-            utt_id, _, text = line.partition(" ")
+            where, utt_id = f"{transcript_file}:{line_no}", line.strip().partition(" ")[0]
             path = transcript_file.parent / f"{utt_id}.flac"
             try:
+                if path in named:
+                    raise BadAudio(f"{where}: utterance {utt_id} is listed again (first at {named[path]})")
+                named[path] = where  # even when the line is bad: its audio is accounted for, one utterance one skip
+                text = check_line(where, line)
                 if not path.is_file():
-                    raise BadAudio(f"{transcript_file}:{line_no}: transcript line for {utt_id} has no audio "
-                                   f"(expected {path})")
+                    raise BadAudio(f"{where}: transcript line for {utt_id} has no audio (expected {path})")
                 duration = check_audio(path, sample_rate)
             except BadAudio as error:
-                if not skip_bad:
-                    raise
-                skipped += 1
-                log.warning("skipping bad utterance %d of split %s: %s", skipped, split, error)
+                bad(error)
                 continue
-            utterances.append(Utterance(utt_id, path, text.strip(), duration))
+            utterances.append(Utterance(utt_id, path, text, duration))
+    for path in sorted(set(folder.rglob("*.flac")) - named.keys()):
+        bad(BadAudio(f"{path}: audio without a transcript line (expected a line '{path.stem} TRANSCRIPT' in "
+                     f"{path.parent / path.stem.rpartition('-')[0]}.trans.txt)"))
     if skipped:
         log.warning("split %s: skipped %d bad utterances (skip_bad=True), kept %d", split, skipped, len(utterances))
     if not utterances:
@@ -202,6 +236,13 @@ class LibriSpeechDataModule(L.LightningDataModule):
         seed: int | None = None,  # batch order seed; default: the run's seed_everything
     ):
         super().__init__()
+        for field, value in (("max_duration", max_duration), ("batch_seconds", batch_seconds),
+                             ("eval_batch_seconds", eval_batch_seconds), ("sample_rate", sample_rate),
+                             ("num_buckets", num_buckets), ("stats_utterances", stats_utterances)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{field} must be positive, found {value}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, found {num_workers}")
         self.root = Path(root) if root is not None else shared_data_dir() / "librispeech"
         self.train_splits = train_splits or ["train-clean-100"]
         self.val_splits = val_splits or ["dev-clean"]

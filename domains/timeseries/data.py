@@ -8,12 +8,15 @@ Splits follow the PatchTST / Time-Series-Library code (`data_provider/data_loade
 The scaler (per-channel mean and std) is fitted on the train rows only; every metric is on the scaled values.
 Windows: x = rows [i, i + L), y = rows [i + L, i + L + H) of a split, for every i (the test loader drops nothing).
 
-Bad tables (missing values, non-numeric cells, unparseable / unsorted / duplicated timestamps, too few rows) raise a
-ValueError naming the column and row, unless `fill` opts in to forward-filling or interpolating missing values.
+Bad tables (unreadable or ragged CSV, missing values, non-numeric or infinite cells, unparseable / unsorted /
+duplicated timestamps, values too large to standardise, too few rows) raise a ValueError naming the file, column and
+row, unless `fill` opts in to forward-filling or interpolating missing values.
 """
 
 from __future__ import annotations
 
+import csv
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -55,6 +58,32 @@ def resolve_split(kind: SplitKind, name: str) -> Literal["etth", "ettm", "ratio"
     return "etth" if stem.startswith("etth") else "ettm" if stem.startswith("ettm") else "ratio"
 
 
+def read_table(path: Path) -> pd.DataFrame:
+    """The CSV file as a table of its header's columns; a row with more fields than the header is an error (pandas
+    would otherwise silently take the extra leading field for an index, or drop the trailing ones)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(path, index_col=False)
+    except pd.errors.ParserWarning:
+        with open(path, newline="") as file:
+            rows = csv.reader(file)
+            header = next(rows)
+            for row in rows:
+                if len(row) > len(header):
+                    raise ValueError(f"{path}: line {rows.line_num}: expected {len(header)} fields as in the header, "
+                                     f"found {len(row)}") from None
+        raise ValueError(f"{path}: expected {len(header)} fields per row as in the header, found a longer "
+                         f"row") from None
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: expected a CSV table with a header row, found an empty file") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: expected UTF-8 text, found byte {error.object[error.start]:#04x} at offset "
+                         f"{error.start}") from None
+    except pd.errors.ParserError as error:
+        raise ValueError(f"{path}: expected a well-formed CSV table, found: {error}".rstrip()) from None
+
+
 def validate_frame(frame: pd.DataFrame, *, date_column: str | None, fill: FillPolicy, source: str) -> pd.DataFrame:
     """Checks timestamps and values; returns the numeric channels (float64), rows in file order.
 
@@ -63,7 +92,11 @@ def validate_frame(frame: pd.DataFrame, *, date_column: str | None, fill: FillPo
     if date_column is not None:
         if date_column not in frame.columns:
             raise ValueError(f"{source}: expected a date column {date_column!r}, found columns {list(frame.columns)}")
-        dates = pd.to_datetime(frame[date_column], errors="coerce")
+        try:
+            dates = pd.to_datetime(frame[date_column], errors="coerce")
+        except ValueError as error:  # e.g. timestamps in several time zones
+            raise ValueError(f"{source}: column {date_column!r}: expected timestamps of one kind, found: "
+                             f"{error}") from None
         if dates.isna().any():
             row = int(np.flatnonzero(dates.isna().to_numpy())[0])
             raise ValueError(f"{source}: column {date_column!r} row {row}: expected a timestamp, found "
@@ -88,6 +121,11 @@ def validate_frame(frame: pd.DataFrame, *, date_column: str | None, fill: FillPo
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
             raise ValueError(f"{source}: column {column!r} row {row}: expected a number, found {raw.iloc[row]!r}")
+        infinite = np.isinf(numeric.to_numpy(dtype="float64", na_value=0.0))
+        if infinite.any():
+            row = int(np.flatnonzero(infinite)[0])
+            raise ValueError(f"{source}: column {column!r} row {row}: expected a finite number, found "
+                             f"{str(raw.iloc[row])!r}")
         missing = numeric.isna()
         if missing.any():
             if fill == "error":
@@ -140,6 +178,8 @@ class ForecastDataModule(L.LightningDataModule):
             raise ValueError(f"lookback and horizon must be positive, found lookback={lookback}, horizon={horizon}")
         if features not in ("M", "S"):
             raise ValueError(f"features must be 'M' (multivariate) or 'S' (univariate target), found {features!r}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be at least 1 (or null: batch_size), found {eval_batch_size}")
         self.lookback, self.horizon, self.features, self.target = lookback, horizon, features, target
         self.split, self.fill = split, fill
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -168,23 +208,31 @@ class ForecastDataModule(L.LightningDataModule):
         borders = split_borders(rows, self.lookback, resolve_split(self.split, name))
         values = channels.to_numpy()
         train = values[slice(*borders["train"])]
-        self.mean, self.std = train.mean(axis=0), train.std(axis=0)  # StandardScaler (population std)
-        if (self.std == 0).any():
-            column = channels.columns[int(np.flatnonzero(self.std == 0)[0])]
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            self.mean, self.std = train.mean(axis=0), train.std(axis=0)  # StandardScaler (population std)
+            scaled = (values - self.mean) / self.std
+            fits = np.isfinite(self.mean) & np.isfinite(self.std) & np.isfinite(scaled.astype(np.float32)).all(axis=0)
+        constant = train.min(axis=0) == train.max(axis=0)  # exact: a rounded mean gives such a column std > 0
+        if constant.any():
+            column = channels.columns[int(np.flatnonzero(constant)[0])]
             raise ValueError(f"{name}: column {column!r} is constant over the train split; it cannot be scaled")
-        return (values - self.mean) / self.std, list(channels.columns), borders
+        if not fits.all():
+            i = int(np.flatnonzero(~fits)[0])
+            raise ValueError(f"{name}: column {channels.columns[i]!r}: values too large to standardise in float32 "
+                             f"(train mean {self.mean[i]:.3g}, std {self.std[i]:.3g}, largest magnitude "
+                             f"{np.abs(values[:, i]).max():.3g})")
+        for split, (start, end) in borders.items():
+            if end - start < self.lookback + self.horizon:
+                raise ValueError(f"{name}: the {split} split (rows {start}..{end}) holds no window of lookback + "
+                                 f"horizon = {self.lookback + self.horizon} rows")
+        return scaled, list(channels.columns), borders
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
         values, self.channels, self.borders = self.prepare_values()
         for split in SPLITS:
-            dataset = WindowDataset(values[slice(*self.borders[split])], self.lookback, self.horizon)
-            if len(dataset) == 0:
-                start, end = self.borders[split]
-                raise ValueError(f"the {split} split (rows {start}..{end}) holds no window of lookback + horizon = "
-                                 f"{self.lookback + self.horizon} rows")
-            self.datasets[split] = dataset
+            self.datasets[split] = WindowDataset(values[slice(*self.borders[split])], self.lookback, self.horizon)
 
     @property
     def num_channels(self) -> int:
@@ -215,7 +263,7 @@ class CSVForecastDataModule(ForecastDataModule):
         path = Path(self.path)
         if not path.is_file():
             raise FileNotFoundError(f"data.path: expected an ETT-format CSV file, found nothing at {path.resolve()}")
-        return pd.read_csv(path), self.date_column, str(path)
+        return read_table(path), self.date_column, str(path)
 
 
 BundledName = Literal["co2", "sunspots"]

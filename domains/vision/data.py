@@ -7,6 +7,7 @@ targets (b k) after the batch reaches the device.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,6 +21,7 @@ from torch.utils.data import Dataset, Subset
 
 from polyformer.data import make_loader, shared_data_dir
 
+log = logging.getLogger(__name__)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
@@ -120,15 +122,24 @@ class DigitsDataModule(ImageClassificationDataModule):
     num_classes, in_chans = 10, 1
 
     def __init__(self, *, img_size: int = 8, val_fraction: float = 0.1, test_fraction: float = 0.2,
-                 split_seed: int = 0, augment: bool = True, max_shift: float = 0.125, max_rotation: float = 0.0,
-                 max_scale: float = 0.0, batch_size: int = 64, eval_batch_size: int | None = None,
-                 num_workers: int = 0, mixup: MixupConfig | None = None):
+                 split_seed: int = 0, label_fraction: float = 1.0, label_seed: int = 0, augment: bool = True,
+                 max_shift: float = 0.125, max_rotation: float = 0.0, max_scale: float = 0.0, batch_size: int = 64,
+                 eval_batch_size: int | None = None, num_workers: int = 0, mixup: MixupConfig | None = None):
+        """label_fraction: train on a stratified subset of the training split (label_seed chooses it); validation
+        and test keep all their images."""
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, mixup=mixup)
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(f"val_fraction and test_fraction must be in (0, 1) with a sum below 1, found "
                              f"{val_fraction} and {test_fraction}")
+        if not 0 < label_fraction <= 1:
+            raise ValueError(f"label_fraction must be in (0, 1], found {label_fraction}")
+        if img_size < 1 or not 0 <= max_shift <= 1 or max_rotation < 0 or not 0 <= max_scale < 1:
+            raise ValueError(f"expected img_size >= 1, max_shift in [0, 1], max_rotation >= 0 and max_scale in "
+                             f"[0, 1), found img_size={img_size}, max_shift={max_shift}, max_rotation={max_rotation}, "
+                             f"max_scale={max_scale}")
         self.img_size, self.val_fraction, self.test_fraction, self.split_seed = img_size, val_fraction, \
             test_fraction, split_seed
+        self.label_fraction, self.label_seed = label_fraction, label_seed
         self.augment, self.max_shift, self.max_rotation, self.max_scale = augment, max_shift, max_rotation, max_scale
 
     def split_indices(self, labels) -> dict[str, list[int]]:
@@ -140,6 +151,9 @@ class DigitsDataModule(ImageClassificationDataModule):
                                       random_state=self.split_seed)
         train, val = train_test_split(rest, test_size=self.val_fraction / (1 - self.test_fraction),
                                       stratify=[labels[i] for i in rest], random_state=self.split_seed)
+        if self.label_fraction < 1:
+            train, _ = train_test_split(train, train_size=self.label_fraction, stratify=[labels[i] for i in train],
+                                        random_state=self.label_seed)
         return {"train": train, "val": val, "test": test}
 
     def make_splits(self) -> dict[str, Dataset]:
@@ -208,13 +222,17 @@ def load_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+    # PIL's UnidentifiedImageError is an OSError; a header declaring a huge image raises DecompressionBombError
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read image file {path}: {error}") from error
 
 
 class ImageFolderDataModule(ImageClassificationDataModule):
     """Any ImageNet-style tree: root/<train_dir>/<class>/<image>, root/<val_dir>/<class>/<image> and optionally
-    root/<test_dir>/... (default: the val split again). Classes are the sub-folder names of the train split."""
+    root/<test_dir>/... (default: the val split again). Classes are the sub-folder names of the train split.
+
+    A class folder without any image is an error; files without an image extension are left out with a logged count.
+    Images are read when a batch needs them: an unreadable one raises a ValueError naming the file then."""
 
     in_chans = 3
 
@@ -236,6 +254,7 @@ class ImageFolderDataModule(ImageClassificationDataModule):
 
     def make_splits(self) -> dict[str, Dataset]:
         from torchvision.datasets import ImageFolder
+        from torchvision.datasets.folder import IMG_EXTENSIONS
 
         train_tf, eval_tf = timm_transforms(self.img_size, self.augment, self.mean, self.std, crop_pct=self.crop_pct)
         splits = {}
@@ -243,10 +262,27 @@ class ImageFolderDataModule(ImageClassificationDataModule):
             path = self.root / folder
             if not path.is_dir():
                 raise FileNotFoundError(f"ImageFolder split {name!r}: expected a folder of class folders at {path}")
-            splits[name] = ImageFolder(str(path), transform=train_tf if name == "train" else eval_tf, loader=load_rgb)
-        if splits["val"].classes != splits["train"].classes:
-            raise ValueError(f"val classes differ from train classes under {self.root}: "
-                             f"{splits['val'].classes[:5]}... vs {splits['train'].classes[:5]}...")
+            ignored: list[str] = []
+
+            def is_image(file: str) -> bool:
+                if file.lower().endswith(IMG_EXTENSIONS):
+                    return True
+                ignored.append(file)
+                return False
+
+            try:
+                splits[name] = ImageFolder(str(path), transform=train_tf if name == "train" else eval_tf,
+                                           loader=load_rgb, is_valid_file=is_image)
+            except FileNotFoundError as error:  # no class folder, or a class folder without an image
+                raise ValueError(f"ImageFolder split {name!r} at {path}: {str(error).strip()} (image extensions: "
+                                 f"{' '.join(IMG_EXTENSIONS)})") from None
+            if ignored:
+                log.warning("ImageFolder split %r at %s: left out %d files without an image extension, e.g. %s",
+                            name, path, len(ignored), ignored[0])
+        for name in ("val", "test"):
+            if splits[name].classes != splits["train"].classes:
+                raise ValueError(f"{name} classes differ from train classes under {self.root}: "
+                                 f"{splits[name].classes[:5]}... vs {splits['train'].classes[:5]}...")
         return splits
 
 

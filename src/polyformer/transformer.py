@@ -54,6 +54,11 @@ class TransformerConfig:
                              f"heads={self.heads}")
         if self.dim % self.heads:
             raise ValueError(f"dim={self.dim} must be divisible by heads={self.heads}")
+        if int(self.dim * self.mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio * dim (the feed-forward width) must be at least 1, found mlp_ratio="
+                             f"{self.mlp_ratio}, dim={self.dim}")
+        if self.max_len < 1:
+            raise ValueError(f"max_len must be at least 1, found {self.max_len}")
         if self.attention not in ("full", "local", "linear"):
             raise ValueError(f"attention must be 'full', 'local' or 'linear', found {self.attention!r}")
         if self.attention == "local" and self.window is None:
