@@ -132,7 +132,7 @@ def accuracy(quick: bool, ckpt: str | None, workdir: Path) -> dict:
         overrides = ["--data.init_args.root", str(corpus)]
     runs_root = workdir / "runs" if quick else ROOT / "runs"  # a full run's checkpoint is kept
     runs = ["--run.root", str(runs_root), "--run.name", "bench"]
-    base = ["polyformer"]
+    base = [sys.executable, "-m", "polyformer.cli"]  # this interpreter's CLI: no activated venv needed
     train_seconds = None
     if ckpt is None:
         start = time.perf_counter()
@@ -146,8 +146,8 @@ def accuracy(quick: bool, ckpt: str | None, workdir: Path) -> dict:
     run(base + ["test", "-c", str(CONFIG), "--ckpt_path", ckpt] + overrides + runs)
     test_dir = newest_version(runs_root / "speech" / "bench")
     metrics = last_metrics(test_dir / "metrics.csv")
-    return {"test_cer": metrics["test/cer"], "test_wer": metrics["test/wer"],
-            "heldout_voice_cer": metrics["heldout/cer"], "heldout_voice_wer": metrics["heldout/wer"],
+    return {"test_cer": metrics["test/test/cer"], "test_wer": metrics["test/test/wer"],
+            "heldout_voice_cer": metrics["test/heldout/cer"], "heldout_voice_wer": metrics["test/heldout/wer"],
             "train_seconds": round(train_seconds, 1) if train_seconds is not None else None, "checkpoint": ckpt}
 
 

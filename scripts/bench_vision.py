@@ -99,7 +99,9 @@ def test_accuracy(run: Path) -> float:
 
 
 def train_digits(run_root: Path, extra: list[str]) -> tuple[float, float, Path]:
-    command = ["polyformer", "fit", "-c", str(DIGITS_CONFIG.relative_to(ROOT)), f"--run.root={run_root}", *extra]
+    # the CLI through this interpreter: the script runs without an activated venv (.venv/bin/python scripts/...)
+    command = [sys.executable, "-m", "polyformer.cli", "fit", "-c", str(DIGITS_CONFIG.relative_to(ROOT)),
+               f"--run.root={run_root}", *extra]
     print("digits command:", shlex.join(command), flush=True)
     start, cpu_start = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)

@@ -59,7 +59,7 @@ run_step rl "Decision Transformer CartPole-v1 (fit + rollouts)" rl_result -- \
 # --- speech: Conformer-CTC on a small espeak-ng corpus in LibriSpeech layout ---------------------------------------
 SPEECH_DATA=${DEMO_SPEECH_DATA:-data/speech_demo}
 run_step speech "Conformer-CTC, synthetic speech (make + fit + test)" \
-  "python scripts/run_metrics.py $RUNS/speech/conformer_ctc_demo_synthetic test/cer test/wer" -- \
+  "python scripts/run_metrics.py $RUNS/speech/conformer_ctc_demo_synthetic test/test/cer test/test/wer" -- \
   bash -c "python scripts/make_synthetic_librispeech.py --out $SPEECH_DATA --train-utterances 800 --dev 50 \
              --test 100 --heldout 50 --max-words 10 --seed 0 && \
            polyformer fit -c configs/speech/conformer_ctc_demo_synthetic.yaml ${QUIET[*]} \

@@ -1,5 +1,6 @@
 """The `polyformer` CLI end to end: run layout, resume after SIGKILL, 2-process DDP, safe checkpoints, bad configs."""
 
+import ast
 import os
 import signal
 import subprocess
@@ -176,3 +177,13 @@ def test_bad_config_names_the_field(override, expected, capsys):
 def test_good_config_parses_without_running():
     cli = PolyformerCLI(args=["-c", str(CONFIG), "--model.init_args.encoder.heads=8"], run=False)
     assert cli.model.encoder_config.heads == 8 and cli.model.encoder_config.dim == 64
+
+
+def test_scripts_start_the_cli_through_their_own_interpreter():
+    """`.venv/bin/python scripts/bench_vision.py` works without an activated venv: no script runs `polyformer` by its
+    command name (["polyformer", ...]); they run [sys.executable, "-m", "polyformer.cli", ...]."""
+    by_name = [f"{script.name}:{node.lineno}" for script in sorted((ROOT / "scripts").glob("*.py"))
+               for node in ast.walk(ast.parse(script.read_text()))
+               if isinstance(node, ast.List) and node.elts and isinstance(node.elts[0], ast.Constant)
+               and node.elts[0].value == "polyformer"]
+    assert not by_name, by_name

@@ -115,32 +115,51 @@ def check_spaces(name: str, observation_space: gym.Space, action_space: gym.Spac
     return dims
 
 
-def check_episode(name: str, index: int, episode: Episode, state_dim: int) -> None:
-    """Refuses episodes a model cannot learn from, naming the dataset, the episode and the field."""
+def checked_episode(name: str, index: int, raw, state_dim: int, action_dim: int, discrete: bool) -> Episode:
+    """A Minari episode (observations (T + 1, s), actions (T, a) or (T,), rewards (T,)) as an Episode; refuses what
+    a model cannot learn from, naming the dataset, the episode and the field."""
     where = f"dataset {name}, episode {index}"
-    if len(episode) < 2:
-        raise ValueError(f"{where}: field 'actions' has {len(episode)} step(s); episodes need at least 2")
-    if episode.states.shape != (len(episode), state_dim):
-        raise ValueError(f"{where}: field 'observations' must be ({len(episode)} + 1, {state_dim}), found "
-                         f"{(episode.states.shape[0] + 1,) + episode.states.shape[1:]}")
-    for field, values in (("observations", episode.states), ("rewards", episode.rewards),
-                          ("actions", episode.actions)):
-        if not np.isfinite(values).all():
-            bad = np.argwhere(~np.isfinite(values))[0].tolist()
-            raise ValueError(f"{where}: field '{field}' holds NaN or inf (first at index {bad})")
+    fields = {}
+    for field in ("observations", "actions", "rewards"):
+        try:
+            fields[field] = np.asarray(getattr(raw, field), dtype=np.float64)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where}: field '{field}' must hold numbers ({error})") from None
+    actions = fields["actions"]
+    rows = {field: len(values) if values.ndim else 0 for field, values in fields.items()}
+    steps = rows["actions"]
+    if steps < 2:
+        raise ValueError(f"{where}: field 'actions' has {steps} step(s); episodes need at least 2")
+    if rows["observations"] != steps + 1 or rows["rewards"] != steps:
+        raise ValueError(f"{where}: fields disagree on the number of steps: expected 'observations' one row longer "
+                         f"than 'actions' and 'rewards' as long, found {rows}")
+    shapes = {"observations": (steps + 1, state_dim), "actions": (steps,) if discrete else (steps, action_dim),
+              "rewards": (steps,)}
+    for field, shape in shapes.items():
+        if fields[field].shape != shape:
+            raise ValueError(f"{where}: field '{field}' must have shape {shape} for {steps} steps, found "
+                             f"{fields[field].shape}")
+    for field, values in fields.items():
+        with np.errstate(over="ignore"):
+            finite = np.isfinite(values.astype(np.float32))  # a value beyond float32's range would become inf
+        if not finite.all():
+            bad = np.argwhere(~finite)[0].tolist()
+            raise ValueError(f"{where}: field '{field}' holds NaN, inf or a value beyond float32 (first at index "
+                             f"{bad}: {values[tuple(bad)]})")
+    if discrete:
+        wrong = (actions != np.round(actions)) | (actions < 0) | (actions >= action_dim)
+        if wrong.any():
+            step = int(np.flatnonzero(wrong)[0])
+            raise ValueError(f"{where}: field 'actions' must hold action numbers 0..{action_dim - 1}, found "
+                             f"{actions[step]} at step {step}")
+    return Episode(states=fields["observations"][:steps].astype(np.float32),  # the final observation is dropped
+                   actions=actions.astype(np.int64) if discrete else actions.astype(np.float32),
+                   rewards=fields["rewards"].astype(np.float32))
 
 
-def episodes_from_minari(name: str, raw_episodes, state_dim: int, discrete: bool) -> list[Episode]:
-    episodes = []
-    for index, raw in enumerate(raw_episodes):
-        actions = np.asarray(raw.actions)
-        episode = Episode(
-            states=np.asarray(raw.observations, dtype=np.float32)[: len(actions)],  # drop the final observation
-            actions=actions.astype(np.int64) if discrete else actions.astype(np.float32),
-            rewards=np.asarray(raw.rewards, dtype=np.float32),
-        )
-        check_episode(name, index, episode, state_dim)
-        episodes.append(episode)
+def episodes_from_minari(name: str, raw_episodes, state_dim: int, action_dim: int, discrete: bool) -> list[Episode]:
+    episodes = [checked_episode(name, index, raw, state_dim, action_dim, discrete)
+                for index, raw in enumerate(raw_episodes)]
     if not episodes:
         raise ValueError(f"dataset {name}: holds no episodes")
     return episodes
@@ -157,6 +176,11 @@ def load_offline_data(dataset: str, env_id: str | None = None, *, root: str | Pa
         root = Path(root) if root is not None else local_minari_root()
         ensure_cartpole_dataset(root)
     root = Path(root) if root is not None else default_minari_root()
+    folder = root / dataset / "data"
+    if not download and not folder.is_dir():
+        # checked before Minari looks: its lookup creates the root folder (and its parents) even when it finds nothing
+        raise FileNotFoundError(f"dataset {dataset} is not under the Minari root {root} (set "
+                                f"POLYFORMER_MINARI_PATH or the data module's root): no folder {folder}")
     with minari_root(root):
         try:
             data = minari.load_dataset(dataset, download=download)
@@ -175,7 +199,7 @@ def load_offline_data(dataset: str, env_id: str | None = None, *, root: str | Pa
     metadata = data.storage.metadata
     return OfflineData(
         name=dataset, env_id=env_id,
-        episodes=episodes_from_minari(dataset, data.iterate_episodes(), state_dim, discrete),
+        episodes=episodes_from_minari(dataset, data.iterate_episodes(), state_dim, action_dim, discrete),
         discrete=discrete, state_dim=state_dim, action_dim=action_dim,
         ref_min_score=metadata.get("ref_min_score"), ref_max_score=metadata.get("ref_max_score"),
     )
@@ -245,6 +269,8 @@ class OfflineRLDataModule(L.LightningDataModule):
             raise ValueError(f"val_fraction must be in [0, 1), found {val_fraction}")
         if reward_scale <= 0:
             raise ValueError(f"reward_scale must be positive, found {reward_scale}")
+        if segment < 1:
+            raise ValueError(f"segment must be at least 1 step, found {segment}")
         self.dataset, self.env_id, self.root, self.download = dataset, env_id, root, download
         self.segment, self.reward_scale, self.batch_size = segment, reward_scale, batch_size
         self.val_fraction, self.num_workers, self.seed = val_fraction, num_workers, seed
@@ -258,6 +284,9 @@ class OfflineRLDataModule(L.LightningDataModule):
         n_val = int(round(self.val_fraction * len(order)))
         self.val_episodes = [self.data.episodes[i] for i in sorted(order[:n_val])]
         self.train_episodes = [self.data.episodes[i] for i in sorted(order[n_val:])]
+        if not self.train_episodes:
+            raise ValueError(f"dataset {self.dataset}: val_fraction={self.val_fraction} holds out all "
+                             f"{len(order)} episodes; none is left to train on")
         states = np.concatenate([e.states for e in self.train_episodes])
         self.stats = DataStats(state_mean=torch.from_numpy(states.mean(0)),
                                state_std=torch.from_numpy(states.std(0) + 1e-6), return_scale=self.reward_scale)

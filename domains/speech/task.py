@@ -2,9 +2,10 @@
 
 Before the first training step the task fits the feature normaliser on training audio and, for unigram tokens,
 trains the SentencePiece model on the training transcripts; both are buffers of the model, saved in checkpoints.
-Metrics: {stage}/cer and {stage}/wer (torchmetrics) for validation and for each test split, named after the split
-(e.g. test/cer, heldout/cer); {stage}/ctc_infeasible counts targets needing more frames than the encoder gives
-(their loss is zeroed by zero_infinity, so the loss never becomes inf or NaN).
+Metrics: {stage}/cer and {stage}/wer (torchmetrics) over the whole split, where stage is val, or test/<split> for
+each test split (test/test-clean/cer, test/heldout/wer, ...: each test loader's figures once, under the split they
+were measured on); {stage}/ctc_infeasible counts targets needing more frames than the encoder gives (their loss is
+zeroed by zero_infinity, so the loss never becomes inf or NaN).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torchmetrics.text import CharErrorRate, WordErrorRate
 from polyformer.domains.speech.decoding import BeamSearchDecoder, greedy_decode
 from polyformer.domains.speech.model import SpeechModelConfig, SpeechRecognizer
 from polyformer.domains.speech.tokens import BLANK, TokenizerConfig, make_tokenizer
+from polyformer.finetune import FinetuneConfig
 from polyformer.training import OptimizerConfig, PolyformerTask
 
 
@@ -39,17 +41,20 @@ class SpeechRecognitionTask(PolyformerTask):
         decoding: Literal["greedy", "beam"] = "greedy",
         beam_size: int = 20,
         optimizer: OptimizerConfig | None = None,
+        init_from: str | None = None,
+        finetune: FinetuneConfig | None = None,
     ):
-        super().__init__(optimizer)
+        super().__init__(optimizer, init_from=init_from, finetune=finetune)
         self.model_config = model or SpeechModelConfig()
         self.tokenizer = make_tokenizer(tokenizer or TokenizerConfig())
         self.model = SpeechRecognizer(self.model_config, self.tokenizer.num_classes)
         self.decoding, self.beam_size = decoding, beam_size
         self._beam: BeamSearchDecoder | None = None
-        self.metrics = nn.ModuleDict()  # "<stage>_cer" / "<stage>_wer", created on first use
+        self.metrics = nn.ModuleDict()  # "<stage>_cer" / "<stage>_wer" (stage "val", "test/<split>"), made on first use
 
     # ---- preparation ------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if stage != "fit" or datamodule is None:
             return
@@ -83,8 +88,13 @@ class SpeechRecognitionTask(PolyformerTask):
                  reduce_fx="sum", on_step=False, on_epoch=True, batch_size=size, add_dataloader_idx=False)
         if stage != "train":
             hypotheses = self.transcribe_log_probs(log_probs, frames)
-            self._metric(stage, "cer").update(hypotheses, batch["transcripts"])
-            self._metric(stage, "wer").update(hypotheses, batch["transcripts"])
+            for kind in ("cer", "wer"):
+                metric = self._metric(stage, kind)
+                metric.update(hypotheses, batch["transcripts"])
+                # logged as the metric object: Lightning computes it over the whole split at the epoch's end and files
+                # it under this loader alone (a value logged at the epoch's end would repeat under every test loader)
+                self.log(f"{stage}/{kind}", metric, on_step=False, on_epoch=True, prog_bar=kind == "cer",
+                         batch_size=size, add_dataloader_idx=False, metric_attribute=f"metrics.{stage}_{kind}")
         return loss
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
@@ -94,30 +104,15 @@ class SpeechRecognitionTask(PolyformerTask):
         return loss
 
     def _test_stage(self, dataloader_idx: int) -> str:
-        splits = getattr(getattr(self.trainer, "datamodule", None), "test_splits", None)
-        if splits is None or len(splits) <= dataloader_idx:
-            return "test" if dataloader_idx == 0 else f"test{dataloader_idx}"
-        # the first test split logs as "test"; the others under their own names (e.g. "heldout", "test-other")
-        return "test" if dataloader_idx == 0 else splits[dataloader_idx]
+        """test/<split> of a test loader (test/test-clean, test/heldout, ...); test/<index> for unnamed loaders."""
+        splits = getattr(getattr(self.trainer, "datamodule", None), "test_splits", None) or []
+        return f"test/{splits[dataloader_idx] if dataloader_idx < len(splits) else dataloader_idx}"
 
     def _metric(self, stage: str, kind: str):
         key = f"{stage}_{kind}"
         if key not in self.metrics:
             self.metrics[key] = (CharErrorRate() if kind == "cer" else WordErrorRate()).to(self.device)
         return self.metrics[key]
-
-    def _log_metrics(self) -> None:
-        for key, metric in self.metrics.items():
-            if metric.update_called:
-                stage, kind = key.rsplit("_", 1)
-                self.log(f"{stage}/{kind}", metric.compute(), prog_bar=kind == "cer")
-                metric.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_metrics()
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics()
 
     # ---- decoding ---------------------------------------------------------------------------------------------
     def transcribe_log_probs(self, log_probs: Tensor, frames: Tensor) -> list[str]:

@@ -8,6 +8,10 @@ checkpoints/ with last.ckpt); <domain>/<name> come from the (first) config file'
 validate / predict evaluate it; either way the new version keeps its own metrics and the earlier ones stay intact
 (a resumed fit's throughput clock, train/time, starts again at zero in its version). With --checkpoint.dirpath set,
 `last` is the last.ckpt there.
+
+Faults (faults.py): checkpoints are written atomically; a NaN or inf loss stops training with the checkpoints
+written so far kept; a truncated, corrupted or unsafe checkpoint, or one of another architecture, ends the command
+with one line naming the file and what is wrong; in a multi-process run, a rank that raises ends every rank.
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from polyformer.faults import (AtomicCheckpointIO, CheckpointError, NonFiniteError, RankFaults, StopOnNonFinite,
+                               load_weights, share_rank_faults)
 from polyformer.training import PolyformerTask, Throughput, load_checkpoint
 
 
@@ -63,7 +70,7 @@ class PolyformerCLI(LightningCLI):
             subclass_mode_data=True,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"callbacks": [Throughput()]},
+            trainer_defaults={"callbacks": [Throughput(), StopOnNonFinite(), RankFaults()]},
             args=args,
             run=run,
         )
@@ -80,18 +87,43 @@ class PolyformerCLI(LightningCLI):
         return self.config.get(self.config.get("subcommand") or "", self.config)
 
     @staticmethod
-    def refuse_unsafe_checkpoint(ckpt_path: str | None) -> None:
-        """A checkpoint whose pickle could run code is refused, in plain words, before anything loads it."""
+    def refuse_unreadable_checkpoint(ckpt_path: str | None) -> None:
+        """A checkpoint that is truncated, corrupted or whose pickle could run code is refused, in one line, before
+        anything else loads it."""
         if ckpt_path and Path(ckpt_path).is_file():
             try:
                 load_checkpoint(ckpt_path)
-            except ValueError as error:
+            except CheckpointError as error:
                 raise SystemExit(f"polyformer: --ckpt_path: {error}") from None
+
+    def refuse_mismatched_checkpoint(self) -> None:
+        """Loads --ckpt_path's weights into the model before Lightning does, so that a checkpoint of another
+        architecture ends in one line naming its missing and unexpected keys and the shapes that differ."""
+        ckpt_path = self.subcommand_config().get("ckpt_path")
+        if not (ckpt_path and Path(ckpt_path).is_file()):
+            return
+        checkpoint = load_checkpoint(ckpt_path)
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise SystemExit(f"polyformer: --ckpt_path: checkpoint {ckpt_path} holds no 'state_dict': expected a "
+                             f"Lightning checkpoint (weights to start from go in --model.init_args.init_from)")
+        try:
+            load_weights(self.model, checkpoint["state_dict"], strict=self.model.strict_loading,
+                         source=f"checkpoint {ckpt_path}")
+        except CheckpointError as error:
+            raise SystemExit(f"polyformer: --ckpt_path: {error}") from None
+
+    def before_run(self) -> None:
+        """Checks before the subcommand runs (and, in a multi-process run, before the other ranks start)."""
+        self.refuse_mismatched_checkpoint()
+        share_rank_faults(self.trainer)  # before fit, test, ... start the other ranks
+
+    # LightningCLI calls before_<subcommand> between building the classes and running the subcommand
+    before_fit = before_validate = before_test = before_predict = before_run
 
     def parse_arguments(self, parser, args: Any) -> None:
         super().parse_arguments(parser, args)
         # LightningCLI reads hyper-parameters from an explicit --ckpt_path next: check the file first
-        self.refuse_unsafe_checkpoint(self.subcommand_config().get("ckpt_path"))
+        self.refuse_unreadable_checkpoint(self.subcommand_config().get("ckpt_path"))
 
     def before_instantiate_classes(self) -> None:
         # resolved only now, after LightningCLI's reading of hyper-parameters from an explicit path: with `last`
@@ -99,7 +131,7 @@ class PolyformerCLI(LightningCLI):
         config = self.subcommand_config()
         if config.get("ckpt_path") == "last":
             config["ckpt_path"] = self.resolve_last(config)
-            self.refuse_unsafe_checkpoint(config["ckpt_path"])
+            self.refuse_unreadable_checkpoint(config["ckpt_path"])
 
     @staticmethod
     def run_folder(config) -> tuple[Path, str]:
@@ -140,11 +172,17 @@ class PolyformerCLI(LightningCLI):
                 kwargs["logger"].append(TensorBoardLogger(root, name=name, version=version, default_hp_metric=False))
             except ModuleNotFoundError:  # TensorBoard is optional: CSV metrics are always written
                 pass
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, made atomic
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
 
 def main(args: Any = None) -> None:
-    PolyformerCLI(args=args)
+    try:
+        PolyformerCLI(args=args)
+    except (CheckpointError, NonFiniteError) as error:  # their message says it all: no traceback
+        raise SystemExit(f"polyformer: {error}") from None
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import gymnasium as gym
@@ -86,6 +87,13 @@ def test_rl_dataset_env_mismatch_names_the_field(tmp_path):
         load_offline_data("test/cartpole/ok-v0", "Acrobot-v1", root=tmp_path)
     with pytest.raises(FileNotFoundError, match="test/cartpole/missing-v0 is not under the Minari root"):
         load_offline_data("test/cartpole/missing-v0", root=tmp_path)
+
+
+def test_rl_failed_lookup_creates_nothing(tmp_path):
+    root = tmp_path / "minari" / "datasets"  # Minari's own lookup would create this folder and its parent
+    with pytest.raises(FileNotFoundError, match=re.escape(f"no folder {root / 'test/cartpole/missing-v0/data'}")):
+        load_offline_data("test/cartpole/missing-v0", root=root)
+    assert list(tmp_path.iterdir()) == []
 
 
 @needs_halfcheetah
