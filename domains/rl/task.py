@@ -17,6 +17,7 @@ from torch import Tensor
 from polyformer.domains.rl.data import OfflineRLDataModule, space_dims
 from polyformer.domains.rl.evaluate import RolloutConfig, evaluate_bc, evaluate_dt, format_rows
 from polyformer.domains.rl.model import BehaviourCloning, DecisionTransformer
+from polyformer.finetune import FinetuneConfig
 from polyformer.training import OptimizerConfig, PolyformerTask
 from polyformer.transformer import TransformerConfig
 
@@ -31,8 +32,9 @@ def action_loss(output: Tensor, actions: Tensor, real: Tensor, discrete: bool) -
 class OfflineRLTask(PolyformerTask):
     """What the DT and BC tasks share: environment spaces, dataset statistics, end-of-fit rollouts."""
 
-    def __init__(self, env_id: str, evaluation: RolloutConfig | None, optimizer: OptimizerConfig | None):
-        super().__init__(optimizer)
+    def __init__(self, env_id: str, evaluation: RolloutConfig | None, optimizer: OptimizerConfig | None,
+                 init_from: str | None, finetune: FinetuneConfig | None):
+        super().__init__(optimizer, init_from=init_from, finetune=finetune)
         self.env_id, self.evaluation = env_id, evaluation
         env = gym.make(env_id)
         self.state_dim, _ = space_dims(env.observation_space, "observation_space", f"environment {env_id}")
@@ -41,6 +43,7 @@ class OfflineRLTask(PolyformerTask):
         env.close()
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         datamodule = getattr(self.trainer, "datamodule", None)
         if stage != "fit" or not isinstance(datamodule, OfflineRLDataModule):
             return
@@ -78,8 +81,10 @@ class DecisionTransformerTask(OfflineRLTask):
         encoder: TransformerConfig | None = None,  # causal and window are set from context
         evaluation: RolloutConfig | None = None,
         optimizer: OptimizerConfig | None = None,
+        init_from: str | None = None,
+        finetune: FinetuneConfig | None = None,
     ):
-        super().__init__(env_id, evaluation, optimizer)
+        super().__init__(env_id, evaluation, optimizer, init_from, finetune)
         if self.max_episode_steps is not None and max_ep_len < self.max_episode_steps:
             raise ValueError(f"max_ep_len={max_ep_len} is shorter than {env_id}'s {self.max_episode_steps} steps")
         self.encoder_config = encoder or TransformerConfig(dim=128, depth=3, heads=1, activation="relu")
@@ -112,8 +117,10 @@ class BCTask(OfflineRLTask):
         dropout: float = 0.1,
         evaluation: RolloutConfig | None = None,
         optimizer: OptimizerConfig | None = None,
+        init_from: str | None = None,
+        finetune: FinetuneConfig | None = None,
     ):
-        super().__init__(env_id, evaluation, optimizer)
+        super().__init__(env_id, evaluation, optimizer, init_from, finetune)
         self.model = BehaviourCloning(self.state_dim, self.action_dim, discrete=self.discrete, hidden=hidden,
                                       depth=depth, dropout=dropout)
 

@@ -20,6 +20,7 @@ from polyformer.domains.timeseries.model import (
     PatchTST,
     PatchTSTConfig,
 )
+from polyformer.finetune import FinetuneConfig
 from polyformer.training import OptimizerConfig, PolyformerTask
 
 
@@ -43,6 +44,7 @@ class ForecastTask(PolyformerTask):
 
     def setup(self, stage: str) -> None:
         """The data's windows and channels must be the ones the model was built for."""
+        super().setup(stage)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "lookback"):
             return
@@ -58,18 +60,24 @@ class ForecastTask(PolyformerTask):
 
 
 class PatchTSTTask(ForecastTask):
-    def __init__(self, model: PatchTSTConfig | None = None, optimizer: OptimizerConfig | None = None):
-        super().__init__(optimizer)
+    architecture_fields = ("model.lookback", "model.patch_len", "model.stride", "model.padding", "model.encoder.dim",
+                           "model.encoder.depth", "model.encoder.heads", "model.encoder.mlp_ratio")
+
+    def __init__(self, model: PatchTSTConfig | None = None, optimizer: OptimizerConfig | None = None,
+                 init_from: str | None = None, finetune: FinetuneConfig | None = None):
+        super().__init__(optimizer, init_from=init_from, finetune=finetune)
         self.model = PatchTST(model or PatchTSTConfig())
 
 
 class DLinearTask(ForecastTask):
-    def __init__(self, model: DLinearConfig | None = None, optimizer: OptimizerConfig | None = None):
-        super().__init__(optimizer)
+    def __init__(self, model: DLinearConfig | None = None, optimizer: OptimizerConfig | None = None,
+                 init_from: str | None = None, finetune: FinetuneConfig | None = None):
+        super().__init__(optimizer, init_from=init_from, finetune=finetune)
         self.model = DLinear(model or DLinearConfig())
 
 
 class EncoderDecoderTask(ForecastTask):
-    def __init__(self, model: EncoderDecoderConfig | None = None, optimizer: OptimizerConfig | None = None):
-        super().__init__(optimizer)
+    def __init__(self, model: EncoderDecoderConfig | None = None, optimizer: OptimizerConfig | None = None,
+                 init_from: str | None = None, finetune: FinetuneConfig | None = None):
+        super().__init__(optimizer, init_from=init_from, finetune=finetune)
         self.model = EncoderDecoderForecaster(model or EncoderDecoderConfig())

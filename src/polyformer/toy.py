@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from polyformer.data import make_loader
+from polyformer.finetune import FinetuneConfig
 from polyformer.transformer import TransformerConfig, TransformerEncoder
 from polyformer.training import OptimizerConfig, PolyformerTask
 
@@ -25,6 +26,9 @@ class SortingDataModule(L.LightningDataModule):
         super().__init__()
         if length < 2 or vocab < 2:
             raise ValueError(f"length and vocab must be at least 2, found length={length}, vocab={vocab}")
+        if min(train_size, val_size, test_size) < 1:
+            raise ValueError(f"train_size, val_size and test_size must be at least 1, found {train_size}, "
+                             f"{val_size} and {test_size}")
         self.length, self.vocab, self.batch_size, self.seed = length, vocab, batch_size, seed
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
 
@@ -63,8 +67,11 @@ class SortingTask(PolyformerTask):
     """Per-token cross-entropy; logs token accuracy and whole-sequence accuracy."""
 
     def __init__(self, vocab: int = 10, encoder: TransformerConfig | None = None,
-                 optimizer: OptimizerConfig | None = None):
-        super().__init__(optimizer)
+                 optimizer: OptimizerConfig | None = None, init_from: str | None = None,
+                 finetune: FinetuneConfig | None = None):
+        super().__init__(optimizer, init_from=init_from, finetune=finetune)
+        if vocab < 2:
+            raise ValueError(f"vocab must be at least 2, found {vocab}")
         self.encoder_config = encoder or TransformerConfig(dim=64, depth=2, heads=4, position="learned", max_len=64)
         self.model = SequenceTagger(vocab, self.encoder_config)
 

@@ -22,10 +22,13 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from polyformer.data import global_seed
+from polyformer.faults import CheckpointError, check_archive, load_weights, torch_reason
+from polyformer.finetune import FinetuneConfig, check_architecture, layer_ids, load_matching, read_pretrained
 
 
 @dataclass
@@ -47,6 +50,12 @@ class OptimizerConfig:
         if self.warmup_steps < 0 or self.weight_decay < 0:
             raise ValueError(f"optimizer.warmup_steps and weight_decay must be >= 0, found "
                              f"{self.warmup_steps} and {self.weight_decay}")
+        if not all(0 <= beta < 1 for beta in self.betas) or self.eps < 0:
+            raise ValueError(f"optimizer.betas must be in [0, 1) and eps >= 0, found {self.betas} and {self.eps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optimizer.min_lr_ratio must be in [0, 1], found {self.min_lr_ratio}")
+        if self.total_steps is not None and self.total_steps < 1:
+            raise ValueError(f"optimizer.total_steps must be at least 1 (or null), found {self.total_steps}")
 
     def lr_factor(self, step: int, total_steps: int) -> float:
         """Multiplier of lr at an optimizer step."""
@@ -97,14 +106,22 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu") -> dict:
-    """torch.load with weights_only=True; a checkpoint that would unpickle arbitrary objects is refused."""
-    try:
+    """torch.load with weights_only=True. A CheckpointError (a ValueError) naming the file refuses a checkpoint that
+    is truncated or corrupted (every entry of its archive is checked against its CRC-32), one torch.load cannot read,
+    and one that would unpickle arbitrary objects."""
+    if check_archive(path):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as error:  # an intact archive whose pickle asks for more than plain weights
+            raise CheckpointError(
+                f"refusing to load checkpoint {path}: it holds pickled Python objects that are not plain weights, "
+                f"and unpickling them could run code ({torch_reason(error)})"
+            ) from None
+    try:  # torch's legacy format, or not a checkpoint at all
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"refusing to load checkpoint {path}: it holds pickled Python objects that are not plain weights, "
-            f"and unpickling them could run code ({str(error).splitlines()[0]})"
-        ) from None
+    except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError) as error:
+        raise CheckpointError(f"checkpoint {path} is neither a torch.save zip archive nor a readable legacy one "
+                              f"({Path(path).stat().st_size:,} bytes; {torch_reason(error)})") from None
 
 
 def _from_plain(annotation: Any, value: Any) -> Any:
@@ -125,9 +142,17 @@ class PolyformerTask(L.LightningModule):
 
     flops_per_batch: float | None = None  # measured on the first GPU step by `Throughput` (for MFU)
 
-    def __init__(self, optimizer: OptimizerConfig | None = None):
+    def __init__(self, optimizer: OptimizerConfig | None = None, *, init_from: str | None = None,
+                 finetune: FinetuneConfig | None = None):
+        """init_from: a checkpoint whose tensors initialise the task's by name when fitting starts (see finetune.py);
+        finetune: how those weights train on (freezing, linear probe, layer-wise lr decay)."""
         super().__init__()
         self.optimizer_config = optimizer if optimizer is not None else OptimizerConfig()
+        self.init_from = init_from
+        self.finetune = finetune if finetune is not None else FinetuneConfig()
+        self._loaded: list[str] = []  # parameter names set by init_from (the ones freezing acts on)
+        self._frozen = False
+        self._initialised = False
         # collects the init arguments of the whole subclass chain; stored as plain data in checkpoints
         self.save_hyperparameters()
 
@@ -139,6 +164,38 @@ class PolyformerTask(L.LightningModule):
     def batch_size(self, batch: Any) -> int:
         """Samples in a batch, for logging and throughput; override when the first tensor is not batch-major."""
         return first_tensor(batch).shape[0]
+
+    # ---- pre-trained weights -----------------------------------------------------------------------------------
+    architecture_fields: tuple[str, ...] = ()  # hyper-parameters (e.g. "vit.dim") a pre-trained encoder must share
+
+    def pretrained(self, source: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """(tensors, hyper-parameters) that `init_from` names, under this task's names or a bare model's; domains
+        extend the sources (e.g. `timm:<name>`) or adapt tensors (resampled positions) here."""
+        return read_pretrained(source)
+
+    def load_pretrained(self, source: str) -> None:
+        """Initialises the task from `source` by name, prints what was loaded, missing and unexpected."""
+        state, hyper_parameters = self.pretrained(source)
+        check_architecture(hyper_parameters, dict(self.hparams), self.architecture_fields, source)
+        report = load_matching(self, state, source=source, exclude=self.finetune.exclude)
+        parameters = dict(self.named_parameters())
+        self._loaded = [name for name in report.loaded if name in parameters]
+        rank_zero_info(report.summary(source))
+
+    def setup(self, stage: str) -> None:
+        # initial weights when fitting only (a resumed run restores its checkpoint after setup, over these), so that
+        # evaluating or loading a finished checkpoint (load_from_checkpoint) reads nothing else
+        if stage == "fit" and self.init_from and not self._initialised:
+            self.load_pretrained(self.init_from)
+        self._initialised = True
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        frozen = bool(self._loaded) and (self.finetune.linear_probe or self.global_step < self.finetune.freeze_steps)
+        if frozen != self._frozen:
+            parameters = dict(self.named_parameters())
+            for name in self._loaded:
+                parameters[name].requires_grad_(not frozen)
+            self._frozen = frozen
 
     # ---- Lightning hooks ----------------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -179,16 +236,20 @@ class PolyformerTask(L.LightningModule):
         return names
 
     def parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: weight decay or not, and with finetune.layer_decay one pair per layer, each with its lr."""
         excluded = self.no_weight_decay_names()
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            (no_decay if param.ndim < 2 or name in excluded else decay).append(param)
-        return [
-            {"params": decay, "weight_decay": self.optimizer_config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        named = [(name, param) for name, param in self.named_parameters() if param.requires_grad]
+        decay_rate = self.finetune.layer_decay
+        layer, depth = layer_ids([name for name, _ in named]) if decay_rate is not None else ({}, 0)
+        groups: dict[tuple[bool, int], dict[str, Any]] = {}
+        for name, param in named:
+            decays = param.ndim >= 2 and name not in excluded
+            lr_scale = decay_rate ** (depth + 1 - layer[name]) if decay_rate is not None else 1.0
+            group = groups.setdefault((decays, layer.get(name, 0)), {
+                "params": [], "weight_decay": self.optimizer_config.weight_decay if decays else 0.0,
+                "lr": self.optimizer_config.lr * lr_scale})
+            group["params"].append(param)
+        return list(groups.values())
 
     def configure_optimizers(self):
         cfg = self.optimizer_config
@@ -212,7 +273,7 @@ class PolyformerTask(L.LightningModule):
         kwargs = {key: _from_plain(hints.get(key), value) for key, value in hparams.items() if key in accepted}
         kwargs.update(overrides)
         task = cls(**kwargs)
-        task.load_state_dict(checkpoint["state_dict"], strict=strict)
+        load_weights(task, checkpoint["state_dict"], strict=strict, source=f"checkpoint {checkpoint_path}")
         return task.to(map_location) if map_location is not None else task
 
 

@@ -1,0 +1,166 @@
+"""Fine-tuning pre-trained weights: `init_from` by name, layer-wise learning-rate decay, freezing and linear probes.
+
+`PolyformerTask(init_from=..., finetune=FinetuneConfig(...))` uses these; every domain task passes both through.
+- Loading matches tensors by name at the task's level (`model.blocks.0.attn.qkv.weight`), so a masked pre-training
+  checkpoint (whose task keeps the same model class as `model`) loads its encoder and leaves its decoder out; a bare
+  model's state dict (timm's names, no `model.` prefix) is matched under `model.`. Missing and unexpected names are
+  printed. A shape that differs, or another number of blocks, is an error naming the tensors and both shapes; when the
+  checkpoint holds hyper-parameters, the task's `architecture_fields` (e.g. "vit.dim") are compared first and an error
+  names the field and both values.
+- Layer-wise decay follows timm (`param_groups_layer_decay`, from BEiT, Bao et al. 2022): the lr of layer l is
+  lr · decay^(L + 1 − l) for L blocks; block i is layer i + 1, parameters registered before the first block (patch
+  embedding, special tokens, positions) layer 0, those after the last block (final norm, head) layer L + 1.
+- Freezing acts on the loaded parameters alone: the new ones (a head) always train.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+BLOCK = re.compile(r"(.*(?:^|\.)blocks\.\d+)\.")  # the "…blocks.i" module a parameter belongs to
+
+
+@dataclass
+class FinetuneConfig:
+    """How the weights loaded by `init_from` are trained on."""
+
+    freeze_steps: int = 0  # optimizer steps during which the loaded parameters stay frozen (the new ones train alone)
+    linear_probe: bool = False  # the loaded parameters stay frozen throughout
+    layer_decay: float | None = None  # lr of layer l scaled by layer_decay^(L + 1 − l); None: one lr for all (timm)
+    exclude: list[str] = field(default_factory=list)  # name prefixes of checkpoint tensors not to load ("model.head.")
+
+    def __post_init__(self) -> None:
+        if self.freeze_steps < 0:
+            raise ValueError(f"finetune.freeze_steps must be >= 0, found {self.freeze_steps}")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"finetune.layer_decay must be in (0, 1], found {self.layer_decay}")
+
+
+def read_pretrained(source: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(tensors, hyper-parameters) of a Lightning or weights-only checkpoint (its `state_dict` and
+    `hyper_parameters`), a plain state dict (or one under `model`, as timm and DeiT releases keep it), or a
+    .safetensors file; the last two carry no hyper-parameters ({})."""
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from={str(source)!r}: expected a checkpoint file, found none there")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path)), {}
+    from polyformer.training import load_checkpoint  # training imports this module
+
+    checkpoint = load_checkpoint(path)
+    state = checkpoint.get("state_dict", checkpoint.get("model", checkpoint)) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(value, Tensor) for value in state.values()):
+        raise ValueError(f"init_from={str(source)!r}: expected a state dict of tensors (or a checkpoint holding one "
+                         f"under 'state_dict' or 'model'), found {type(checkpoint).__name__}")
+    return state, dict(checkpoint.get("hyper_parameters") or {})
+
+
+def field_value(hparams: dict[str, Any], path: str) -> Any:
+    """hparams["vit"]["dim"] for "vit.dim" (dataclasses as stored: dicts); a KeyError when absent."""
+    value: Any = hparams
+    for key in path.split("."):
+        value = value[key] if isinstance(value, dict) else getattr(value, key)
+    return value
+
+
+def check_architecture(theirs: dict[str, Any], ours: dict[str, Any], fields: tuple[str, ...], source: str) -> None:
+    """An error naming every architecture field whose value differs between a checkpoint and this task."""
+    from polyformer.training import to_plain  # training imports this module
+
+    theirs, ours = to_plain(theirs), to_plain(ours)
+    differ = []
+    for path in fields:
+        try:
+            checkpoint_value, own_value = field_value(theirs, path), field_value(ours, path)
+        except (KeyError, AttributeError):
+            continue  # a field the checkpoint's task does not have: the tensor names and shapes decide
+        if checkpoint_value != own_value:
+            differ.append(f"{path}: checkpoint {checkpoint_value!r}, this model {own_value!r}")
+    if differ:
+        raise ValueError(f"init_from {source}: the checkpoint's encoder does not match this model: {'; '.join(differ)}")
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str]  # names set from the checkpoint
+    missing: list[str]  # names of the module the checkpoint lacks: they keep their initialisation
+    unexpected: list[str]  # names of the checkpoint the module lacks: not used
+
+    def summary(self, source: str) -> str:
+        return (f"init_from {source}: loaded {len(self.loaded)} tensors; missing (kept at their initialisation): "
+                f"{self.missing or 'none'}; unexpected (not used): {self.unexpected or 'none'}")
+
+
+def load_matching(module: nn.Module, state: dict[str, Tensor], *, source: str,
+                  exclude: list[str] | tuple[str, ...] = ()) -> LoadReport:
+    """Loads the tensors of `state` whose names `module` has (see the module docstring); shapes must agree."""
+    own = module.state_dict()
+    state = {name: value for name, value in state.items() if not name.startswith(tuple(exclude))}
+    if not state.keys() & own.keys() and {f"model.{name}" for name in state} & own.keys():
+        state = {f"model.{name}": value for name, value in state.items()}  # a bare model's state dict
+    mismatched = [f"{name}: checkpoint {tuple(value.shape)} vs model {tuple(own[name].shape)}"
+                  for name, value in state.items() if name in own and value.shape != own[name].shape]
+    if mismatched:
+        raise ValueError(f"init_from {source}: {len(mismatched)} tensors do not fit this model (another width, "
+                         f"depth, patch size or head?): {'; '.join(mismatched)}. Leave a head out with "
+                         f"finetune.exclude")
+    for stack in {match.group(1).rsplit(".", 1)[0] for name in own if (match := BLOCK.match(name))}:
+        theirs, mine = block_count(state, stack), block_count(own, stack)
+        if theirs and theirs != mine:
+            raise ValueError(f"init_from {source}: {stack} has {theirs} blocks in the checkpoint, {mine} in this "
+                             f"model (depth)")
+    loaded = [name for name in state if name in own]
+    if not loaded:
+        raise ValueError(f"init_from {source}: none of its {len(state)} tensors ({sorted(state)[:4]}...) has a name "
+                         f"of this model ({sorted(own)[:4]}...)")
+    module.load_state_dict({name: state[name] for name in loaded}, strict=False)
+    return LoadReport(loaded, [name for name in own if name not in state], [name for name in state if name not in own])
+
+
+def block_count(state: dict[str, Tensor], stack: str) -> int:
+    """Blocks of a stack ("model.blocks") in a state dict: one past the highest index."""
+    indices = [int(name[len(stack) + 1:].split(".")[0]) for name in state if name.startswith(stack + ".")]
+    return max(indices) + 1 if indices else 0
+
+
+def layer_ids(names: list[str]) -> tuple[dict[str, int], int]:
+    """(layer of every parameter name, number of blocks L) for layer-wise decay, names in registration order."""
+    blocks: dict[str, int] = {}
+    ids: dict[str, int | None] = {}
+    for name in names:
+        match = BLOCK.match(name)
+        if match:
+            ids[name] = blocks.setdefault(match.group(1), len(blocks)) + 1
+        else:
+            ids[name] = 0 if not blocks else None  # after a block: the top, L + 1, known at the end
+    depth = len(blocks)
+    return {name: depth + 1 if layer is None else layer for name, layer in ids.items()}, depth
+
+
+def save_weights(checkpoint: str | Path, out: str | Path) -> str:
+    """A weights-only copy of a Lightning checkpoint at `out`: its hyper-parameters and fp32 state dict, no optimizer
+    or loop state (what `polyformer test --ckpt_path` and `init_from` need). Returns the file's sha256."""
+    import hashlib
+
+    import torch
+
+    from polyformer.training import load_checkpoint  # training imports this module
+
+    source = load_checkpoint(checkpoint)
+    if "state_dict" not in source:
+        raise ValueError(f"{checkpoint}: expected a Lightning checkpoint with a 'state_dict', found keys "
+                         f"{sorted(source)[:8]}")
+    weights = {key: source[key] for key in ("hyper_parameters", "pytorch-lightning_version") if key in source}
+    weights["state_dict"] = {name: value.float() if value.is_floating_point() else value
+                             for name, value in source["state_dict"].items()}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(weights, out)
+    return hashlib.sha256(out.read_bytes()).hexdigest()
