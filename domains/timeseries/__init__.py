@@ -17,4 +17,5 @@ from polyformer.domains.timeseries.model import (
     PatchTSTConfig,
     RevIN,
 )
+from polyformer.domains.timeseries.pretrain import PatchTSTPretrainTask
 from polyformer.domains.timeseries.task import DLinearTask, EncoderDecoderTask, ForecastTask, PatchTSTTask

@@ -64,7 +64,7 @@ def _patchtst_encoder() -> TransformerConfig:
 @dataclass
 class PatchTSTConfig:
     lookback: int = 336  # L, input steps
-    horizon: int = 96  # H, forecast steps
+    horizon: int = 96  # H, forecast steps; 0: no forecasting head (the encoder alone, for pre-training)
     patch_len: int = 16  # p, steps per patch
     stride: int = 8  # steps between patch starts
     padding: Literal["end", "none"] = "end"  # end: repeat the last value `stride` times, one more patch
@@ -75,6 +75,8 @@ class PatchTSTConfig:
     head_dropout: float = 0.0  # before the flatten head's linear map
 
     def __post_init__(self) -> None:
+        if self.horizon < 0:
+            raise ValueError(f"horizon must be >= 0 (0: no forecasting head), found {self.horizon}")
         if self.patch_len < 1 or self.stride < 1:
             raise ValueError(f"patch_len and stride must be positive, found {self.patch_len} and {self.stride}")
         if self.lookback < self.patch_len:
@@ -98,9 +100,10 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Linear(patch_len, dim)
 
     def patchify(self, x: Tensor) -> Tensor:
+        """(b c L) → (b c n p)."""
         if self.padding == "end":
             x = F.pad(x, (0, self.stride), mode="replicate")
-        return x.unfold(-1, self.patch_len, self.stride)  # (b c n p)
+        return x.unfold(-1, self.patch_len, self.stride)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(self.patchify(x))
@@ -150,16 +153,27 @@ class PatchTST(nn.Module):
                 block.norm1 = TokenBatchNorm(encoder.dim, eps=encoder.norm_eps)
                 block.norm2 = TokenBatchNorm(encoder.dim, eps=encoder.norm_eps)
         self.head_drop = nn.Dropout(c.head_dropout)
-        self.head = nn.Linear(c.num_patches * encoder.dim, c.horizon)
+        self.head = nn.Linear(c.num_patches * encoder.dim, c.horizon) if c.horizon else None
         use_rand_dropout(self)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def patches(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """x (b L c) → patches of every channel's normalised series (b c n p), and RevIN's mean and std (b 1 c)."""
         check_window(x, self.config.lookback, "PatchTST input")
+        mean = std = None
         if self.revin is not None:
             x, mean, std = self.revin.normalise(x)
-        b = x.shape[0]
-        tokens = self.patch_embed(rearrange(x, "b L c -> b c L"))  # (b c n d)
-        tokens = self.encoder(self.embed_drop(rearrange(tokens, "b c n d -> (b c) n d")))
+        return self.patch_embed.patchify(rearrange(x, "b L c -> b c L")), mean, std
+
+    def encode(self, tokens: Tensor) -> Tensor:
+        """Patch embeddings of single series ((b c) n d) → encoder outputs ((b c) n d); positions added inside."""
+        return self.encoder(self.embed_drop(tokens))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.head is None:
+            raise ValueError("this PatchTST has no forecasting head (horizon=0): it is an encoder for pre-training")
+        patches, mean, std = self.patches(x)
+        b = patches.shape[0]
+        tokens = self.encode(rearrange(self.patch_embed.proj(patches), "b c n d -> (b c) n d"))
         y = self.head(self.head_drop(rearrange(tokens, "(b c) n d -> b c (n d)", b=b)))  # (b c H)
         y = rearrange(y, "b c H -> b H c")
         return RevIN.denormalise(y, mean, std) if self.revin is not None else y

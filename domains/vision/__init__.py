@@ -9,4 +9,5 @@ from polyformer.domains.vision.data import (
     MixupConfig,
 )
 from polyformer.domains.vision.model import PatchEmbed, ViTConfig, VisionTransformer
+from polyformer.domains.vision.pretrain import MAEPretrainTask
 from polyformer.domains.vision.task import DistillationConfig, ImageClassificationTask

@@ -204,12 +204,15 @@ class VisionTransformer(nn.Module):
         """
         x, grid = self.patch_embed(images)  # (b n d)
         positions = self.position_table(grid)
+        return self.forward_tokens(x + positions[:, self.prefix_positions:], query_index=query_index)
+
+    def forward_tokens(self, x: Tensor, *, query_index: slice | None = None) -> Tensor:
+        """Patch tokens with their positions added (b n d), any n (MAE passes the visible ones) → (b t d): the
+        prefix tokens (with their own positions) in front, then the blocks and the final norm."""
         prefix = self.prefix_tokens(x.shape[0])
-        if self.config.no_embed_class:
-            x = torch.cat(prefix + [x + positions], dim=1)
-        else:
-            x = torch.cat(prefix + [x], dim=1) + positions
-        x = self.pos_drop(x)
+        if prefix and self.prefix_positions:
+            prefix = [torch.cat(prefix, dim=1) + self.pos_embed[:, :self.prefix_positions]]
+        x = self.pos_drop(torch.cat(prefix + [x], dim=1))
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             x = block(x, query_index=query_index if i == last else None)
@@ -270,9 +273,18 @@ class VisionTransformer(nn.Module):
         return model
 
     def load_pretrained(self, state_dict: dict[str, Tensor]) -> None:
-        """Loads timm-named weights from a model of another resolution or class count: the position table is
-        resampled to this grid (square source grid, as timm assumes for checkpoints) and a head of another class
-        count is left at its fresh initialisation."""
+        """Loads timm-named weights from a model of another resolution or class count (see adapt_pretrained); every
+        other tensor must be there and fit."""
+        state = self.adapt_pretrained(state_dict)
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [key for key in missing if not key.startswith(("head.", "head_dist."))]
+        if missing or unexpected:
+            raise ValueError(f"pretrained weights do not fit this ViT: missing {missing}, unexpected {unexpected}")
+
+    def adapt_pretrained(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """timm-named weights of a model of another resolution or class count made to fit this one: the position
+        table resampled to this grid (square source grid, as timm assumes for checkpoints), a head of another class
+        count left out (this model keeps its fresh one)."""
         state = dict(state_dict)
         table = state.get("pos_embed")
         if table is not None and table.shape != self.pos_embed.shape:
@@ -288,7 +300,4 @@ class VisionTransformer(nn.Module):
             if key in state and (key not in own or state[key].shape != own[key].shape):
                 log.info("not loading %s of shape %s: this model's head differs", key, tuple(state[key].shape))
                 del state[key]
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [key for key in missing if not key.startswith(("head.", "head_dist."))]
-        if missing or unexpected:
-            raise ValueError(f"pretrained weights do not fit this ViT: missing {missing}, unexpected {unexpected}")
+        return state

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from polyformer.domains.vision.model import ViTConfig, VisionTransformer
-from polyformer.domains.vision.timm_compat import load_init
+from polyformer.domains.vision.timm_compat import timm_weights
+from polyformer.finetune import FinetuneConfig, read_pretrained
 from polyformer.training import OptimizerConfig, PolyformerTask
 
 
@@ -43,13 +44,16 @@ def build_teacher(source: str, num_classes: int) -> nn.Module:
 class ImageClassificationTask(PolyformerTask):
     """A VisionTransformer classifier; `vit` is its architecture (timm's argument names)."""
 
+    architecture_fields = ("vit.dim", "vit.depth", "vit.heads", "vit.patch_size", "vit.in_chans", "vit.mlp_ratio")
+
     def __init__(self, vit: ViTConfig | None = None, label_smoothing: float = 0.0, init_from: str | None = None,
-                 distillation: DistillationConfig | None = None, optimizer: OptimizerConfig | None = None):
-        super().__init__(optimizer)
+                 distillation: DistillationConfig | None = None, optimizer: OptimizerConfig | None = None,
+                 finetune: FinetuneConfig | None = None):
+        super().__init__(optimizer, init_from=init_from, finetune=finetune)
         self.vit_config = vit if vit is not None else ViTConfig()
         if distillation is not None and not self.vit_config.distilled:
             raise ValueError("distillation needs a distillation token: set vit.distilled=true (found distilled=False)")
-        self.label_smoothing, self.init_from, self.distillation = label_smoothing, init_from, distillation
+        self.label_smoothing, self.distillation = label_smoothing, distillation
         self.model = VisionTransformer(self.vit_config)
         k = self.vit_config.num_classes
         self.metrics = nn.ModuleDict({
@@ -57,7 +61,6 @@ class ImageClassificationTask(PolyformerTask):
             for stage in ("train", "val", "test") for name, top_k in (("acc1", 1), ("acc5", 5)) if top_k <= k
         })
         self._teacher: list[nn.Module] = []  # a list keeps the teacher out of state_dict, checkpoints and optimizer
-        self._initialised = False
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -68,13 +71,21 @@ class ImageClassificationTask(PolyformerTask):
         data_chans = getattr(datamodule, "in_chans", None)
         if data_chans is not None and data_chans != self.vit_config.in_chans:
             raise ValueError(f"the data has {data_chans} channels, the model vit.in_chans={self.vit_config.in_chans}")
-        # initial weights when fitting only (a resumed run restores its checkpoint after setup, over these), so that
-        # evaluating or loading a finished checkpoint (load_from_checkpoint) never fetches anything
-        if stage == "fit" and self.init_from and not self._initialised:
-            load_init(self.model, self.init_from)
-        self._initialised = True
+        super().setup(stage)  # init_from
         if stage == "fit" and self.distillation is not None and not self._teacher:
             self._teacher.append(build_teacher(self.distillation.teacher, self.vit_config.num_classes))
+
+    def pretrained(self, source: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """`timm:<name>` (timm's pretrained weights: needs network) or any file the core reads (a checkpoint of this
+        or the MAE task, a timm state dict, .safetensors); the ViT's tensors adapted to this one (positions
+        resampled, a head of another class count left out)."""
+        state, hyper_parameters = (timm_weights(source), {}) if source.startswith("timm:") else read_pretrained(source)
+        bare = not any(name.startswith("model.") for name in state)  # a model's state dict (timm's names)
+        vit = {name.removeprefix("model."): value for name, value in state.items()
+               if bare or name.startswith("model.")}
+        others = {name: value for name, value in state.items() if not bare and not name.startswith("model.")}
+        vit = self.model.adapt_pretrained(vit)
+        return {**{f"model.{name}": value for name, value in vit.items()}, **others}, hyper_parameters
 
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)

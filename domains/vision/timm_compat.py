@@ -1,5 +1,5 @@
 """Interchange with timm: read a ViTConfig off a timm VisionTransformer, build the timm model of a ViTConfig, and
-load initial weights from `timm:<name>` (timm's pretrained download) or a checkpoint file.
+fetch timm's pretrained weights for `init_from: timm:<name>`.
 
 The state-dict names are the same on both sides (patch_embed.proj, cls_token, reg_token, dist_token, pos_embed,
 blocks.i.{norm1, attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}, norm, fc_norm, head, head_dist),
@@ -9,12 +9,10 @@ so weights move with `load_state_dict` alone; this file only checks that the arc
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 
 from torch import Tensor, nn
 
 from polyformer.domains.vision.model import ViTConfig, VisionTransformer
-from polyformer.training import load_checkpoint
 
 
 def _unsupported(what: str, found: object) -> ValueError:
@@ -100,28 +98,8 @@ def timm_model_for(config: ViTConfig, *, dynamic_img_size: bool = True) -> nn.Mo
     return VisionTransformerDistilled(**kwargs) if c.distilled else TimmViT(**kwargs)
 
 
-def read_weights(source: str) -> dict[str, Tensor]:
-    """timm-named weights from `timm:<model name>` (timm's pretrained download: needs network access), a Lightning
-    checkpoint of ours (the task's `model.` prefix is stripped), a plain state dict, or a .safetensors file."""
-    if source.startswith("timm:"):
-        import timm
+def timm_weights(source: str) -> dict[str, Tensor]:
+    """The weights of `timm:<model name>`: timm's pretrained download (needs network access)."""
+    import timm
 
-        return timm.create_model(source.removeprefix("timm:"), pretrained=True).state_dict()
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"init_from={source!r}: expected 'timm:<model name>' or an existing checkpoint file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    checkpoint = load_checkpoint(path)
-    if "state_dict" in checkpoint:  # Lightning: the task holds the ViT as `model`
-        return {key.removeprefix("model."): value for key, value in checkpoint["state_dict"].items()
-                if key.startswith("model.")}
-    return checkpoint.get("model", checkpoint)  # timm / DeiT release files keep the weights under "model"
-
-
-def load_init(model: VisionTransformer, source: str) -> None:
-    """Initialises `model` from `source` (see read_weights), resampling positions and skipping a foreign head."""
-    model.load_pretrained(read_weights(source))
-
+    return timm.create_model(source.removeprefix("timm:"), pretrained=True).state_dict()
