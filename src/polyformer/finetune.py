@@ -8,8 +8,9 @@
   checkpoint holds hyper-parameters, the task's `architecture_fields` (e.g. "vit.dim") are compared first and an error
   names the field and both values.
 - Layer-wise decay follows timm (`param_groups_layer_decay`, from BEiT, Bao et al. 2022): the lr of layer l is
-  lr · decay^(L + 1 − l) for L blocks; block i is layer i + 1, parameters registered before the first block (patch
-  embedding, special tokens, positions) layer 0, those after the last block (final norm, head) layer L + 1.
+  lr · decay^(L + 1 − l) for L blocks; block i is layer i + 1, parameters that `named_parameters()` lists before the
+  first block (patch embedding, special tokens, positions) layer 0, those after the last block (final norm, head)
+  layer L + 1.
 - Freezing acts on the loaded parameters alone: the new ones (a head) always train.
 """
 
@@ -131,7 +132,7 @@ def block_count(state: dict[str, Tensor], stack: str) -> int:
 
 
 def layer_ids(names: list[str]) -> tuple[dict[str, int], int]:
-    """(layer of every parameter name, number of blocks L) for layer-wise decay, names in registration order."""
+    """(layer of every parameter name, number of blocks L) for layer-wise decay, names in named_parameters() order."""
     blocks: dict[str, int] = {}
     ids: dict[str, int | None] = {}
     for name in names:

@@ -249,7 +249,8 @@ class PolyformerTask(L.LightningModule):
                 "params": [], "weight_decay": self.optimizer_config.weight_decay if decays else 0.0,
                 "lr": self.optimizer_config.lr * lr_scale})
             group["params"].append(param)
-        return list(groups.values())
+        # per layer (stem first), the decayed group before the other
+        return [groups[key] for key in sorted(groups, key=lambda key: (key[1], not key[0]))]
 
     def configure_optimizers(self):
         cfg = self.optimizer_config
