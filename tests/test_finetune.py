@@ -59,8 +59,8 @@ def test_init_from_another_architecture_names_the_tensors_and_both_shapes(tmp_pa
     wide = TransformerConfig(**{**ENCODER.__dict__, "dim": 48})
     path = checkpoint_of(SortingTask(vocab=6, encoder=wide), tmp_path / "wide.ckpt")
     task = SortingTask(vocab=6, encoder=ENCODER, init_from=path)
-    with pytest.raises(ValueError, match=r"init_from .*wide.ckpt: \d+ tensors do not fit this model .*"
-                                         r"model.embed.weight: checkpoint \(6, 48\) vs model \(6, 32\)"):
+    with pytest.raises(ValueError, match=r"init_from .*wide.ckpt: tensors do not fit this model .*shapes differ for "
+                                         r"model.embed.weight \(checkpoint \(6, 48\) vs model \(6, 32\)\)"):
         task.setup("fit")
     with pytest.raises(FileNotFoundError, match=r"init_from='.*missing.ckpt': expected a checkpoint file"):
         SortingTask(vocab=6, encoder=ENCODER, init_from=str(tmp_path / "missing.ckpt")).setup("fit")

@@ -23,6 +23,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from polyformer.faults import describe_mismatch, write_atomically
+
 BLOCK = re.compile(r"(.*(?:^|\.)blocks\.\d+)\.")  # the "…blocks.i" module a parameter belongs to
 
 
@@ -106,11 +108,9 @@ def load_matching(module: nn.Module, state: dict[str, Tensor], *, source: str,
     state = {name: value for name, value in state.items() if not name.startswith(tuple(exclude))}
     if not state.keys() & own.keys() and {f"model.{name}" for name in state} & own.keys():
         state = {f"model.{name}": value for name, value in state.items()}  # a bare model's state dict
-    mismatched = [f"{name}: checkpoint {tuple(value.shape)} vs model {tuple(own[name].shape)}"
-                  for name, value in state.items() if name in own and value.shape != own[name].shape]
-    if mismatched:
-        raise ValueError(f"init_from {source}: {len(mismatched)} tensors do not fit this model (another width, "
-                         f"depth, patch size or head?): {'; '.join(mismatched)}. Leave a head out with "
+    if any(name in own and value.shape != own[name].shape for name, value in state.items()):
+        raise ValueError(f"init_from {source}: tensors do not fit this model (another width, depth, patch size or "
+                         f"head?): {describe_mismatch(state, own, strict=False)}. Leave a head out with "
                          f"finetune.exclude")
     for stack in {match.group(1).rsplit(".", 1)[0] for name in own if (match := BLOCK.match(name))}:
         theirs, mine = block_count(state, stack), block_count(own, stack)
@@ -161,7 +161,5 @@ def save_weights(checkpoint: str | Path, out: str | Path) -> str:
     weights = {key: source[key] for key in ("hyper_parameters", "pytorch-lightning_version") if key in source}
     weights["state_dict"] = {name: value.float() if value.is_floating_point() else value
                              for name, value in source["state_dict"].items()}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(weights, out)
-    return hashlib.sha256(out.read_bytes()).hexdigest()
+    write_atomically(out, lambda file: torch.save(weights, file))
+    return hashlib.sha256(Path(out).read_bytes()).hexdigest()
