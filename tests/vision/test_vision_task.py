@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
 from polyformer.cli import PolyformerCLI, main
-from polyformer.domains.vision import DigitsDataModule, DistillationConfig, ImageClassificationTask, ViTConfig
+from polyformer.domains.vision import (
+    DigitsDataModule,
+    DistillationConfig,
+    ImageClassificationTask,
+    ImageFolderDataModule,
+    ViTConfig,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "vision"
@@ -45,7 +51,15 @@ def test_digits_config_trains_from_the_cli_and_the_checkpoint_reloads(tmp_path):
     images, labels = next(iter(data.test_dataloader()))
     metrics = L.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu").test(task, datamodule=data,
                                                                                          verbose=False)[0]
-    assert 0.0 <= metrics["test/acc1"] <= metrics["test/acc5"] <= 1.0
+    # the logged accuracy is that of the model's own predictions over the whole test split (learning itself is
+    # checked by the falling loss above: 36 steps are too few for an accuracy bound)
+    task.eval()
+    with torch.no_grad():
+        batches = list(data.test_dataloader())
+        predictions = torch.cat([task(x).argmax(dim=-1) for x, _ in batches])
+    labels = torch.cat([y for _, y in batches])
+    assert len(labels) == 360 and metrics["test/acc1"] == pytest.approx((predictions == labels).float().mean().item())
+    assert metrics["test/acc1"] <= metrics["test/acc5"]
     assert task(images).shape == (images.shape[0], 10)
 
 
@@ -55,7 +69,10 @@ def test_configs_parse_and_build(name, tmp_path):
                               "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
                               "--trainer.precision=32-true"], run=False)
     assert isinstance(cli.model, ImageClassificationTask)
-    assert cli.model.vit_config.num_classes == cli.datamodule.num_classes if name != "deit_small_imagenet" else True
+    if name == "deit_small_imagenet":  # ImageNet is not here: its classes are read from the folder at setup
+        assert isinstance(cli.datamodule, ImageFolderDataModule) and cli.model.vit_config.num_classes == 1000
+    else:
+        assert cli.model.vit_config.num_classes == cli.datamodule.num_classes
     assert sum(p.numel() for p in cli.model.parameters()) > 0
 
 
