@@ -106,3 +106,18 @@ def test_long_utterances_are_dropped_with_a_count(tiny_corpus, caplog):
     dropped = sum(u.duration > 3.0 for u in everything)
     assert len(kept) == len(everything) - dropped and 0 < dropped < len(everything)
     assert f"dropped {dropped} of {len(everything)}" in caplog.text
+
+
+def test_evaluation_loaders_keep_every_utterance_even_over_max_duration(tiny_corpus):
+    # max_duration drops long *training* utterances only: validation and test loaders read every one, once
+    module = LibriSpeechDataModule(root=str(tiny_corpus), train_splits=["train"], val_splits=["dev"],
+                                   test_splits=["test", "heldout"], max_duration=1.0, eval_batch_seconds=8.0,
+                                   num_workers=0)
+    module.setup("validate")
+    module.setup("test")
+    loaders = {"dev": module.val_dataloader(), **dict(zip(["test", "heldout"], module.test_dataloader()))}
+    for split, loader in loaders.items():
+        expected = sorted(u.id for u in read_split(tiny_corpus, split))
+        seen = sorted(i for batch in loader for i in batch["ids"])
+        assert seen == expected and len(seen) > 0, split
+        assert any(u.duration > 1.0 for u in read_split(tiny_corpus, split)), f"{split}: nothing over the cap"
