@@ -26,22 +26,34 @@ def tiny_patchtst(**overrides) -> PatchTSTConfig:
     return PatchTSTConfig(**{"lookback": 64, "horizon": 24, "encoder": encoder, "embed_dropout": 0.0, **overrides})
 
 
-def test_patchtst_matches_hf_transformers_with_copied_weights():
+@pytest.mark.parametrize("norm, padding", [("layernorm", "none"), ("batchnorm", "none"), ("batchnorm", "end")])
+def test_patchtst_matches_hf_transformers_with_copied_weights(norm, padding):
+    """The reported setting is BatchNorm with end padding. HF drops leading steps instead of padding the end, so for
+    'end' HF reads the window with the padding already appended (stride more steps, the last one repeated); HF's
+    scaling would then see the padded steps, so that case compares the two without instance normalisation."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
+    end = padding == "end"
     hf_config = transformers.PatchTSTConfig(
-        num_input_channels=3, context_length=64, prediction_length=24, patch_length=16, patch_stride=8,
-        d_model=16, num_attention_heads=4, num_hidden_layers=2, ffn_dim=64, norm_type="layernorm", pre_norm=False,
-        positional_encoding_type="random", use_cls_token=False, scaling="std", loss="mse", do_mask_input=False,
-        attention_dropout=0.0, positional_dropout=0.0, path_dropout=0.0, ff_dropout=0.0, head_dropout=0.0,
-        activation_function="gelu", share_projection=True, pooling_type=None, share_embedding=True, norm_eps=1e-5,
+        num_input_channels=3, context_length=64 + 8 * end, prediction_length=24, patch_length=16, patch_stride=8,
+        d_model=16, num_attention_heads=4, num_hidden_layers=2, ffn_dim=64, norm_type=norm, pre_norm=False,
+        positional_encoding_type="random", use_cls_token=False, scaling=None if end else "std", loss="mse",
+        do_mask_input=False, attention_dropout=0.0, positional_dropout=0.0, path_dropout=0.0, ff_dropout=0.0,
+        head_dropout=0.0, activation_function="gelu", share_projection=True, pooling_type=None, share_embedding=True,
+        norm_eps=1e-5,
     )
     hf = transformers.PatchTSTForPrediction(hf_config).eval()
-    # HF drops leading steps instead of padding the end: 'none' padding gives the same (64 − 16) / 8 + 1 = 7 patches
-    ours = PatchTST(tiny_patchtst(padding="none")).eval()
-    assert ours.config.num_patches == 7
+    encoder_norm = "core" if norm == "layernorm" else "batchnorm"
+    ours = PatchTST(tiny_patchtst(padding=padding, encoder_norm=encoder_norm, revin=not end)).eval()
+    assert ours.config.num_patches == 7 + end  # (64 − 16) / 8 + 1, and one more from the padding
     src = hf.model.encoder
     with torch.no_grad():
+        for module in hf.modules():  # running statistics away from (0, 1), so that copying them matters
+            if isinstance(module, nn.BatchNorm1d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
         ours.patch_embed.proj.load_state_dict(src.embedder.input_embedding.state_dict())
         ours.encoder.pos_embed.weight.copy_(src.positional_encoder.position_enc)
         for block, layer in zip(ours.encoder.blocks, src.layers, strict=True):
@@ -49,14 +61,15 @@ def test_patchtst_matches_hf_transformers_with_copied_weights():
             block.attn.qkv.weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
             block.attn.qkv.bias.copy_(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
             block.attn.proj.load_state_dict(attn.out_proj.state_dict())
-            block.norm1.load_state_dict(layer.norm_sublayer1.state_dict())
+            for ours_norm, hf_norm in ((block.norm1, layer.norm_sublayer1), (block.norm2, layer.norm_sublayer3)):
+                ours_norm.load_state_dict(getattr(hf_norm, "batchnorm", hf_norm).state_dict())
             block.mlp.fc1.load_state_dict(layer.ff[0].state_dict())
             block.mlp.fc2.load_state_dict(layer.ff[3].state_dict())
-            block.norm2.load_state_dict(layer.norm_sublayer3.state_dict())
         ours.head.load_state_dict(hf.head.projection.state_dict())
     x = torch.randn(5, 64, 3) * 3 + 2
+    hf_input = torch.cat((x, x[:, -1:].expand(-1, 8, -1)), dim=1) if end else x
     with torch.no_grad():
-        expected = hf(past_values=x).prediction_outputs
+        expected = hf(past_values=hf_input).prediction_outputs
         torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
 
 
