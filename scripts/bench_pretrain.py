@@ -72,21 +72,21 @@ def last_value(run_dir: Path, name: str) -> float:
     return float(value)
 
 
-def logged(run_dir: Path, name: str) -> bool:
+def finished(run_dir: Path, name: str) -> float | None:
+    """The metric of a run already finished (its newest version logged it), else None."""
     try:
-        last_value(run_dir, name)
+        return last_value(run_dir, name)
     except (FileNotFoundError, SystemExit):
-        return False
-    return True
+        return None
 
 
 def fit_and_test(config: Path, out: Path, name: str, extra: list[str], checkpoint: str, metric: str,
                  reuse: bool) -> float:
     """`polyformer fit` then `polyformer test` of its `checkpoint` (best / last); returns the test metric."""
     run_dir = out / "runs" / config.parent.name / name
-    if reuse and logged(run_dir, metric):
-        print(f"reusing {run_dir}: {metric} {last_value(run_dir, metric):.4f}", flush=True)
-        return last_value(run_dir, metric)
+    if reuse and (value := finished(run_dir, metric)) is not None:
+        print(f"reusing {run_dir}: {metric} {value:.4f}", flush=True)
+        return value
     where = [f"--run.root={out / 'runs'}", f"--run.name={name}"]
     run(polyformer("fit", "-c", str(config), *where, *extra), out / "logs" / f"{name}.fit.log")
     ckpt = newest_version(run_dir) / "checkpoints" / f"{checkpoint}.ckpt"
