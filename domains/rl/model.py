@@ -147,6 +147,39 @@ class DecisionTransformer(nn.Module):
         return self.action_output(hidden[:, 0])  # at s_t, the newest token
 
 
+class ActingStep(nn.Module):
+    """One environment step of a DecisionTransformer with its KV cache as tensors in and out: what an exported agent
+    runs, O(1) per step (torch.export / ONNX; see polyformer.deploy).
+
+    The cache holds the last 3·context tokens (the attention window): keys, values (depth b h 3K e) and valid
+    (b 3K), from `new_cache(batch)`. Every step appends three tokens, (a_{t-1}, R_t, s_t); at t = 0 the action
+    token is marked not real and nothing attends to it, so the action equals DecisionTransformer.step's.
+    Unlike step(), timesteps are clamped to the embedding table in the graph instead of checked.
+    """
+
+    def __init__(self, model: DecisionTransformer):
+        super().__init__()
+        self.model = model
+
+    def new_cache(self, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+        return self.model.encoder.new_fixed_cache(batch, device=self.model.head.weight.device)
+
+    def forward(self, keys: Tensor, values: Tensor, valid: Tensor, returns_to_go: Tensor, state: Tensor,
+                timestep: Tensor, previous_action: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """returns_to_go (b), state (b s), timestep (b) of step t; previous_action (b a) or (b) of t − 1 (not read
+        at t = 0) → action output (b a) and the cache advanced by one step."""
+        dt = self.model
+        time = dt.embed_timestep(timestep.clamp(0, dt.max_ep_len - 1))
+        previous_time = dt.embed_timestep((timestep - 1).clamp(0, dt.max_ep_len - 1))
+        r, s = dt._embed_return_and_state(returns_to_go, state, time)
+        a = dt._embed_action(previous_action) + previous_time
+        tokens = dt.embed_ln(torch.stack((a, r, s), dim=1))  # (b 3 d)
+        real = torch.stack((timestep > 0, torch.ones_like(timestep, dtype=torch.bool),
+                            torch.ones_like(timestep, dtype=torch.bool)), dim=1)  # (b 3)
+        hidden, keys, values, valid = dt.encoder.forward_fixed_cache(tokens, keys, values, valid, real)
+        return dt.action_output(hidden[:, -1]), keys, values, valid  # the action is read at s_t
+
+
 class BehaviourCloning(nn.Module):
     """MLP from the normalised state to the action (tanh'd) or action logits: the baseline of the DT paper."""
 

@@ -11,12 +11,14 @@ import json
 from pathlib import Path
 
 import gymnasium as gym
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from polyformer.domains.rl.data import OfflineRLDataModule, space_dims
 from polyformer.domains.rl.evaluate import RolloutConfig, evaluate_bc, evaluate_dt, format_rows
-from polyformer.domains.rl.model import BehaviourCloning, DecisionTransformer
+from polyformer.deploy import Exportable
+from polyformer.domains.rl.model import ActingStep, BehaviourCloning, DecisionTransformer
 from polyformer.finetune import FinetuneConfig
 from polyformer.training import OptimizerConfig, PolyformerTask
 from polyformer.transformer import TransformerConfig
@@ -104,6 +106,37 @@ class DecisionTransformerTask(OfflineRLTask):
 
     def rollouts(self, config: RolloutConfig) -> list[dict]:
         return evaluate_dt(self.model, self.env_id, config)
+
+    def exportable(self) -> Exportable:
+        """The acting step with its KV cache in and out (model.ActingStep): an exported agent acts in O(1) per step.
+        Example inputs of length n come with the cache of n steps already acted (random returns, states, actions)."""
+        step = ActingStep(self.model).eval()
+
+        def example(batch: int, steps: int) -> tuple[Tensor, ...]:
+            keys, values, valid = step.new_cache(batch)
+            previous = self.random_actions(batch)
+            for t in range(steps + 1):
+                inputs = (keys, values, valid, torch.randn(batch) * 100, torch.randn(batch, self.state_dim),
+                          torch.full((batch,), t), previous)
+                if t == steps:
+                    return inputs
+                with torch.no_grad():
+                    _, keys, values, valid = step(*inputs)
+                previous = self.random_actions(batch)
+
+        action = "(batch,) action index" if self.discrete else f"(batch, {self.action_dim})"
+        cache = "keys, values (depth, batch, heads, 3·context, head width), valid (batch, 3·context)"
+        return Exportable(
+            step, ["keys", "values", "valid", "returns_to_go", "state", "timestep", "previous_action"],
+            ["action", "new_keys", "new_values", "new_valid"], example, lengths=(0, 5, 40),
+            dynamic_axes={"keys": {1: "batch"}, "values": {1: "batch"}},
+            description=f"{cache}, returns_to_go (batch,), state (batch, {self.state_dim}), timestep (batch,), "
+                        f"previous_action {action} → action output (batch, {self.action_dim}) and the new cache")
+
+    def random_actions(self, batch: int) -> Tensor:
+        if self.discrete:
+            return torch.randint(0, self.action_dim, (batch,))
+        return torch.rand(batch, self.action_dim) * 2 - 1
 
 
 class BCTask(OfflineRLTask):

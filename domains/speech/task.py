@@ -21,6 +21,7 @@ from torchmetrics.text import CharErrorRate, WordErrorRate
 from polyformer.domains.speech.decoding import BeamSearchDecoder, greedy_decode
 from polyformer.domains.speech.model import SpeechModelConfig, SpeechRecognizer
 from polyformer.domains.speech.tokens import BLANK, TokenizerConfig, make_tokenizer
+from polyformer.deploy import Exportable
 from polyformer.finetune import FinetuneConfig
 from polyformer.training import OptimizerConfig, PolyformerTask
 
@@ -51,6 +52,23 @@ class SpeechRecognitionTask(PolyformerTask):
         self.decoding, self.beam_size = decoding, beam_size
         self._beam: BeamSearchDecoder | None = None
         self.metrics = nn.ModuleDict()  # "<stage>_cer" / "<stage>_wer" (stage "val", "test/<split>"), made on first use
+
+    def exportable(self) -> Exportable:
+        """waveforms (b s) and their sample counts (b) → CTC log-probabilities (b n v) and frame counts (b): the
+        whole recognizer, log-mel front end included; batch and samples are dynamic axes."""
+        rate = self.model_config.features.sample_rate
+
+        def example(batch: int, seconds: int) -> tuple[Tensor, Tensor]:
+            samples = seconds * rate
+            lengths = torch.randint(samples // 2, samples + 1, (batch,))
+            lengths[0] = samples  # the longest fills the batch
+            return torch.randn(batch, samples) * 0.1, lengths
+
+        return Exportable(self.model, ["waveforms", "lengths"], ["log_probs", "frames"], example, lengths=(1, 3, 7),
+                          dynamic_axes={"waveforms": {0: "batch", 1: "samples"}, "lengths": {0: "batch"}},
+                          description=f"waveforms (batch, samples) at {rate} Hz, lengths (batch,) → CTC "
+                                      f"log-probabilities (batch, frames, {self.tokenizer.num_classes}), frames "
+                                      f"(batch,); greedy decoding and the tokens stay in Python")
 
     # ---- preparation ------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

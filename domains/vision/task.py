@@ -1,5 +1,7 @@
 """Image classification with a ViT: cross-entropy with label smoothing or soft (Mixup/CutMix) targets, top-1/top-5
-accuracy, optional initial weights (`init_from`) and DeiT hard-label distillation from a frozen teacher."""
+accuracy, optional initial weights (`init_from`), and distillation from a frozen teacher in either of two ways:
+DeiT's hard labels through a distillation token (`distillation`), or the core's soft targets on the class logits
+(`distill`, Hinton et al. 2015; see polyformer/distillation.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from polyformer.domains.vision.model import ViTConfig, VisionTransformer
 from polyformer.domains.vision.timm_compat import timm_weights
+from polyformer.deploy import Exportable
+from polyformer.distillation import DistillConfig, TeacherHolder, soft_target_loss
 from polyformer.finetune import FinetuneConfig, read_pretrained
 from polyformer.training import OptimizerConfig, PolyformerTask
 
@@ -48,12 +52,16 @@ class ImageClassificationTask(PolyformerTask):
 
     def __init__(self, vit: ViTConfig | None = None, label_smoothing: float = 0.0, init_from: str | None = None,
                  distillation: DistillationConfig | None = None, optimizer: OptimizerConfig | None = None,
-                 finetune: FinetuneConfig | None = None):
+                 finetune: FinetuneConfig | None = None, distill: DistillConfig | None = None):
         super().__init__(optimizer, init_from=init_from, finetune=finetune)
         self.vit_config = vit if vit is not None else ViTConfig()
         if distillation is not None and not self.vit_config.distilled:
             raise ValueError("distillation needs a distillation token: set vit.distilled=true (found distilled=False)")
-        self.label_smoothing, self.distillation = label_smoothing, distillation
+        if distillation is not None and distill is not None:
+            raise ValueError("set one of distillation (DeiT's hard labels through a distillation token) and distill "
+                             "(soft targets on the class logits), found both")
+        self.label_smoothing, self.distillation, self.distill = label_smoothing, distillation, distill
+        self.teacher = TeacherHolder(distill) if distill is not None else None
         self.model = VisionTransformer(self.vit_config)
         k = self.vit_config.num_classes
         self.metrics = nn.ModuleDict({
@@ -90,6 +98,14 @@ class ImageClassificationTask(PolyformerTask):
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)
 
+    def exportable(self) -> Exportable:
+        c = self.vit_config
+        height, width = (c.img_size, c.img_size) if isinstance(c.img_size, int) else c.img_size
+        return Exportable(self.model, ["images"], ["logits"],
+                          lambda batch, _: (torch.randn(batch, c.in_chans, height, width),), lengths=(0, 0, 0),
+                          description=f"images (batch, {c.in_chans}, {height}, {width}) → logits (batch, "
+                                      f"{c.num_classes})")
+
     def classification_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         """Hard labels (b,) with label smoothing, or soft targets (b k) as Mixup/CutMix produce them."""
         soft = targets.is_floating_point()
@@ -110,6 +126,10 @@ class ImageClassificationTask(PolyformerTask):
         else:
             logits = self.model(images)
             loss = self.classification_loss(logits, targets)
+            if stage == "train" and self.teacher is not None:
+                teacher_logits = self.teacher(self, images)
+                self.teacher.check(teacher_logits, logits, "(batch, classes)")
+                loss = self.distill.mix(loss, soft_target_loss(logits, teacher_logits, self.distill.temperature))
         if not targets.is_floating_point():  # accuracy against soft (mixed) targets means little: skipped
             on_epoch = stage != "train"
             for name in ("acc1", "acc5"):

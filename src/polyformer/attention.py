@@ -281,6 +281,31 @@ class MultiHeadAttention(nn.Module):
         out = self.proj_drop(self.proj(rearrange(out, "b h n e -> b n (h e)")))
         return (out, weights) if need_weights else out
 
+    def forward_fixed_cache(self, x: Tensor, keys: Tensor, values: Tensor, key_valid: Tensor
+                            ) -> tuple[Tensor, Tensor, Tensor]:
+        """Causal windowed self-attention of n new tokens over a cache of fixed size w = window, for export (a
+        graph with the cache as tensors in and out, no Python state).
+
+        x (b n d) new tokens; keys, values (b h w e): the w tokens before them (oldest first); key_valid (b w+n):
+        True where a cached or new token is real. Returns the output (b n d) and the cache advanced by n tokens
+        (the last w keys and values). A token that is not real still attends to itself, so that every output is
+        finite; no real token attends to it.
+        """
+        if self.cross or not self.causal or self.window is None or self.kind == "linear" or self.rope is not None \
+                or self.slopes is not None:
+            raise ValueError(f"a fixed-size cache needs causal softmax self-attention with a window and no RoPE or "
+                             f"ALiBi, found cross={self.cross}, causal={self.causal}, window={self.window}, "
+                             f"kind={self.kind!r}, rope={self.rope is not None}, alibi={self.slopes is not None}")
+        q, k, v = (rearrange(t, "b n (h e) -> b h n e", h=self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        q, k = self.q_norm(q), self.k_norm(k)
+        w, n = keys.shape[2], x.shape[1]
+        k, v = torch.cat((keys, k), dim=2), torch.cat((values, v), dim=2)  # (b h w+n e)
+        offset = (w + torch.arange(n, device=x.device))[:, None] - torch.arange(w + n, device=x.device)[None]
+        allowed = ((offset >= 0) & (offset < self.window) & key_valid[:, None, None, :]) | (offset == 0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        out = self.proj_drop(self.proj(rearrange(out, "b h n e -> b n (h e)")))
+        return out, k[:, :, n:], v[:, :, n:]
+
     def _extend_cache(self, cache: LayerCache, k: Tensor, v: Tensor, padding: Tensor | None):
         """Appends this step's keys to the cache and trims it to the window; returns all keys to attend to and the
         position of the first of them."""

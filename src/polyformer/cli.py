@@ -1,6 +1,7 @@
 """The `polyformer` command: LightningCLI with Polyformer's run layout, checkpoints and checks.
 
     polyformer fit -c configs/<domain>/<name>.yaml [--trainer.devices=2 --trainer.strategy=ddp] [--ckpt_path last]
+    polyformer export -c configs/<domain>/<name>.yaml --ckpt_path <ckpt> --format onnx|pt2 --out <path>
 
 Every command opens a new runs/<domain>/<name>/version_N/ (metrics.csv, TensorBoard events, config.yaml,
 checkpoints/ with last.ckpt); <domain>/<name> come from the (first) config file's path unless --run.domain /
@@ -17,6 +18,7 @@ with one line naming the file and what is wrong; in a multi-process run, a rank 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +181,11 @@ class PolyformerCLI(LightningCLI):
 
 
 def main(args: Any = None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["export"]:  # not a Lightning subcommand: polyformer.deploy's
+        from polyformer.deploy import export_command
+
+        return export_command(argv[1:])
     try:
         PolyformerCLI(args=args)
     except (CheckpointError, NonFiniteError) as error:  # their message says it all: no traceback

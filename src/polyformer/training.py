@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from polyformer.data import global_seed
+from polyformer.deploy import Exportable
 from polyformer.faults import CheckpointError, check_archive, load_weights, torch_reason
 from polyformer.finetune import FinetuneConfig, check_architecture, layer_ids, load_matching, read_pretrained
 
@@ -196,6 +197,10 @@ class PolyformerTask(L.LightningModule):
             for name in self._loaded:
                 parameters[name].requires_grad_(not frozen)
             self._frozen = frozen
+
+    def exportable(self) -> Exportable:
+        """The inference model as export sees it (polyformer/deploy.py, `polyformer export`)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no exportable inference model (exportable())")
 
     # ---- Lightning hooks ----------------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

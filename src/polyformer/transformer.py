@@ -132,6 +132,20 @@ class TransformerBlock(nn.Module):
         return self.residual(x, self.norm2, self.mlp, self.ls2)
 
 
+    def forward_fixed_cache(self, x: Tensor, keys: Tensor, values: Tensor, key_valid: Tensor
+                            ) -> tuple[Tensor, Tensor, Tensor]:
+        """forward() of n new tokens over a fixed-size cache (see MultiHeadAttention.forward_fixed_cache)."""
+        update: list[Tensor] = []
+
+        def attend(h: Tensor) -> Tensor:
+            out, k, v = self.attn.forward_fixed_cache(h, keys, values, key_valid)
+            update.extend((k, v))
+            return out
+
+        x = self.residual(x, self.norm1, attend, self.ls1)
+        return self.residual(x, self.norm2, self.mlp, self.ls2), update[0], update[1]
+
+
 class _Stack(nn.Module):
     """Additive positions, blocks with linearly rising drop-path, and the final norm of a pre-norm stack."""
 
@@ -184,6 +198,36 @@ class TransformerEncoder(_Stack):
             x = block(x, key_padding_mask=key_padding_mask, cache=cache[i] if cache is not None else None,
                       query_index=query_index if i == last else None)
         return self.norm(x)
+
+
+    def forward_fixed_cache(self, x: Tensor, keys: Tensor, values: Tensor, valid: Tensor, new_valid: Tensor
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Incremental decoding with the cache as fixed-size tensors in and out, for export (torch.export, ONNX) of
+        a causal encoder with a window w and no added or rotary positions.
+
+        x (b n d) new tokens; keys, values (depth b h w e) and valid (b w): the cache, w = config.window slots,
+        oldest first, valid False where a slot holds no token yet; new_valid (b n): which new tokens are real.
+        Returns the outputs (b n d) and the cache advanced by n tokens. Equals forward() with a KV cache on the
+        real tokens. `new_fixed_cache(b)` makes an empty one.
+        """
+        if self.pos_embed is not None:
+            raise ValueError(f"a fixed-size cache needs position 'none' (or the tokens' own embeddings of time), "
+                             f"found position={self.config.position!r}")
+        key_valid = torch.cat((valid, new_valid), dim=1)  # (b w+n)
+        new_keys, new_values = [], []
+        for i, block in enumerate(self.blocks):
+            x, k, v = block.forward_fixed_cache(x, keys[i], values[i], key_valid)
+            new_keys.append(k)
+            new_values.append(v)
+        return self.norm(x), torch.stack(new_keys), torch.stack(new_values), key_valid[:, x.shape[1]:]
+
+    def new_fixed_cache(self, batch: int, device: torch.device | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """An empty cache for forward_fixed_cache: keys, values (depth b h w e) of zeros and valid (b w) False."""
+        c = self.config
+        if c.window is None:
+            raise ValueError("a fixed-size cache needs a window (config.window), found None")
+        keys = torch.zeros(c.depth, batch, c.heads, c.window, c.head_dim, device=device)
+        return keys, torch.zeros_like(keys), torch.zeros(batch, c.window, dtype=torch.bool, device=device)
 
 
 class TransformerDecoder(_Stack):
