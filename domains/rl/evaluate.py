@@ -112,6 +112,33 @@ class DTPolicy:
         self.returns_to_go = self.returns_to_go - reward.float().to(self.device)
 
 
+class CacheTensorPolicy:
+    """Acts with a DT acting step that takes and returns its KV cache as tensors (model.ActingStep, or the graph
+    exported from it: `polyformer export`, polyformer.deploy.OnnxModel)."""
+
+    def __init__(self, step: Callable, cache: tuple[Tensor, ...], targets: Tensor, *, discrete: bool,
+                 action_dim: int, sample: bool = False, seed: int = 0):
+        self.step, self.cache, self.discrete, self.sample = step, cache, discrete, sample
+        self.returns_to_go = targets.float()
+        b = len(targets)
+        self.previous_action = torch.zeros(b, dtype=torch.long) if discrete else torch.zeros(b, action_dim)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.t = 0
+
+    @torch.no_grad()
+    def act(self, observation: Tensor) -> Tensor:
+        timestep = torch.full((observation.shape[0],), self.t, dtype=torch.long)
+        output, *cache = self.step(*self.cache, self.returns_to_go, observation.float(), timestep,
+                                   self.previous_action)
+        self.cache = tuple(cache)
+        action = choose(output, self.discrete, self.sample, self.generator)
+        self.previous_action, self.t = action, self.t + 1
+        return action
+
+    def observe(self, reward: Tensor) -> None:
+        self.returns_to_go = self.returns_to_go - reward.float()
+
+
 class BCPolicy:
     """Acts with the behaviour-cloning MLP; ignores target returns."""
 
@@ -170,11 +197,27 @@ def evaluate_dt(model: DecisionTransformer, env_id: str, config: RolloutConfig) 
     with eval_mode(model):
         policy = DTPolicy(model, targets, cache=config.cache, sample=config.sample, seed=config.seed)
         returns, lengths, seconds = run_episodes(policy, env_id, seeds)
+    return rows_per_target(env_id, config, returns, lengths, seconds)
+
+
+def rows_per_target(env_id: str, config: RolloutConfig, returns: np.ndarray, lengths: np.ndarray,
+                    seconds: float) -> list[dict]:
+    """One summary row per target of episodes run target after target, config.episodes each."""
     rows = []
     for i, target in enumerate(config.targets):
         part = slice(i * config.episodes, (i + 1) * config.episodes)
         rows.append(summarize(env_id, target, returns[part], lengths[part]) | {"seconds_per_step": seconds})
     return rows
+
+
+def evaluate_acting_step(step: Callable, cache: Callable[[int], tuple[Tensor, ...]], env_id: str, *, discrete: bool,
+                         action_dim: int, config: RolloutConfig) -> list[dict]:
+    """evaluate_dt's rows for an acting step with the cache as tensors; cache(batch) makes an empty one."""
+    targets = torch.tensor(config.targets, dtype=torch.float32).repeat_interleave(config.episodes)
+    seeds = [config.seed + i for i in range(config.episodes)] * len(config.targets)
+    policy = CacheTensorPolicy(step, cache(len(targets)), targets, discrete=discrete, action_dim=action_dim,
+                               sample=config.sample, seed=config.seed)
+    return rows_per_target(env_id, config, *run_episodes(policy, env_id, seeds))
 
 
 def evaluate_bc(model: BehaviourCloning, env_id: str, config: RolloutConfig) -> list[dict]:

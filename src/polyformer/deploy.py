@@ -154,6 +154,9 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: tuple[Tensor
     import onnx
 
     proto = name_dynamic_axes(onnx_program.model_proto, names, axes)
+    for node in proto.graph.node:  # the exporter's per-node source metadata: for debugging, most of a small file
+        node.doc_string = ""
+        del node.metadata_props[:]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")  # written whole, then renamed: never half a graph at `path`

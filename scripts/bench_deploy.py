@@ -1,0 +1,258 @@
+"""Deployment benchmark: export, int8 quantization and knowledge distillation of the models the READMEs report.
+
+    python scripts/bench_deploy.py [--quick] [--json PATH] [--out DIR] [--parts quantize distill] [--reuse]
+
+quantize — for each domain's committed weights (weights/README.md: the ViT on digits, the Conformer-CTC on the
+  synthetic corpus, PatchTST on ETTh1 at H = 96, the DT on CartPole): export to ONNX (`polyformer export`'s path,
+  polyformer.deploy) and to .pt2, the largest |eager − exported| over inputs of three shapes; quantize the ONNX graph
+  to int8 (onnxruntime dynamic quantization); the domain's metric on its own test data with eager fp32, onnxruntime
+  fp32 and onnxruntime int8 (digits test accuracy, 360 images; synthetic-speech test CER, 300 utterances, greedy;
+  ETTh1 test MSE, every window; CartPole return at target 500, 20 episodes, argmax actions, same seeds); latency at
+  batch 1 and 32 (medians of 7 rounds, the three runtimes in a rotating order each round, one thread); file sizes
+  (the .onnx files; the weights-only checkpoint for reference).
+distill — the student alone and distilled from the committed teacher, same config and seeds (0, 1, 2), each run's
+  checkpoint tested once: configs/vision/vit_mini_digits_distill.yaml (last checkpoint, test accuracy) and
+  configs/timeseries/patchtst_small_etth1_96_distill.yaml (lowest validation MSE, test MSE).
+
+--json keys per domain (vision, speech, timeseries, rl): onnx_max_abs_diff, pt2_max_abs_diff, metric, metric_fp32,
+metric_onnx_fp32, metric_int8, latency_ms ({runtime: {b1, b32}}), latency_ratio_b1 and latency_ratio_b32 (eager fp32
+/ onnxruntime int8), latency_ratio_b1_onnx and latency_ratio_b32_onnx (onnxruntime fp32 / int8: quantization alone),
+size_mb_fp32, size_mb_int8, size_mb_checkpoint; and distillation: {domain: {teacher, student_alone,
+student_distilled (means), their _std and _runs}}. --quick: a few batches of everything (a check of the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pretrain import QUICK, fit_and_test, summarise  # noqa: E402  the same run-and-test helpers
+
+from polyformer.deploy import OnnxModel, export_onnx, export_program, file_megabytes, max_abs_diff, quantize_int8  # noqa: E402
+from polyformer.training import PolyformerTask  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS, WEIGHTS = ROOT / "configs", ROOT / "weights"
+MODELS = {  # domain → (config it was trained with, committed weights)
+    "vision": ("vision/vit_tiny_digits.yaml", "vision/vit_tiny_digits.ckpt"),
+    "speech": ("speech/conformer_ctc_tiny_synthetic.yaml", "speech/conformer_ctc_tiny_synthetic.ckpt"),
+    "timeseries": ("timeseries/patchtst_etth1_96.yaml", "timeseries/patchtst_etth1_96.ckpt"),
+    "rl": ("rl/dt_cartpole.yaml", "rl/dt_cartpole.ckpt"),
+}
+STUDENTS = {  # domain → (config, checkpoint tested, test metric)
+    "vision": ("vision/vit_mini_digits_distill.yaml", "last", "test/acc1"),
+    "timeseries": ("timeseries/patchtst_small_etth1_96_distill.yaml", "best", "test/mse"),
+}
+
+
+def read_config(domain: str) -> dict:
+    return yaml.safe_load((CONFIGS / MODELS[domain][0]).read_text())
+
+
+def load_task(domain: str) -> PolyformerTask:
+    weights = WEIGHTS / MODELS[domain][1]
+    if not weights.is_file():
+        raise SystemExit(f"{weights}: missing; weights/README.md gives the command that writes it")
+    module, _, name = read_config(domain)["model"]["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), name).load_from_checkpoint(weights).eval()
+
+
+def datamodule(domain: str):
+    """The test data of the domain's config, as its data module (set up for testing)."""
+    data = read_config(domain)["data"]
+    module, _, name = data["class_path"].rpartition(".")
+    dm = getattr(importlib.import_module(module), name)(**data.get("init_args", {}))
+    dm.prepare_data()
+    dm.setup("test")
+    return dm
+
+
+# ---- each domain's metric, for any runner of its exported inputs --------------------------------------------------
+def vision_metric(task, run: Callable, quick: bool) -> float:
+    correct = total = 0
+    for i, (images, labels) in enumerate(datamodule("vision").test_dataloader()):
+        if quick and i == 2:
+            break
+        correct += int((run(images).argmax(-1) == labels).sum())
+        total += len(labels)
+    return correct / total
+
+
+def speech_metric(task, run: Callable, quick: bool) -> float:
+    from torchmetrics.text import CharErrorRate
+
+    cer = CharErrorRate()
+    loaders = datamodule("speech").test_dataloader()
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders  # the `test` split, the config's first
+    for i, batch in enumerate(loader):
+        if quick and i == 2:
+            break
+        log_probs, frames = run(batch["waveforms"], batch["lengths"])
+        cer.update(task.transcribe_log_probs(log_probs, frames), batch["transcripts"])
+    return float(cer.compute())
+
+
+def timeseries_metric(task, run: Callable, quick: bool) -> float:
+    squared, count = 0.0, 0
+    for i, (x, y) in enumerate(datamodule("timeseries").test_dataloader()):
+        if quick and i == 2:
+            break
+        squared += float(((run(x) - y) ** 2).sum())
+        count += y.numel()
+    return squared / count
+
+
+def rl_metric(task, run: Callable, quick: bool) -> float:
+    from polyformer.domains.rl.evaluate import RolloutConfig, evaluate_acting_step
+
+    step = task.exportable().module
+    config = RolloutConfig(targets=[500.0], episodes=2 if quick else 20, seed=10_000, sample=False)
+    rows = evaluate_acting_step(run, step.new_cache, task.env_id, discrete=task.discrete,
+                                action_dim=task.action_dim, config=config)
+    return rows[0]["return_mean"]
+
+
+METRICS = {"vision": ("test accuracy", vision_metric), "speech": ("test CER (greedy)", speech_metric),
+           "timeseries": ("test MSE", timeseries_metric), "rl": ("return at target 500", rl_metric)}
+
+
+def median_latencies(runners: dict[str, Callable], inputs: tuple, rounds: int, calls: int) -> dict[str, float]:
+    """Milliseconds per call of each runner: per round, each runner in a rotating order times `calls` calls
+    (after one warm-up); the median over rounds."""
+    names = list(runners)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    with torch.no_grad():
+        for name in names:
+            runners[name](*inputs)  # warm-up (first-call allocations, onnxruntime's lazy init)
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                start = time.perf_counter()
+                for _ in range(calls):
+                    runners[name](*inputs)
+                times[name].append((time.perf_counter() - start) / calls * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def quantize_domain(domain: str, out: Path, quick: bool) -> dict:
+    torch.manual_seed(0)
+    task = load_task(domain)
+    exportable = task.exportable()
+    eager = exportable.module.eval()
+    folder = out / "export" / domain
+    fp32 = OnnxModel(export_onnx(eager, folder / "model.onnx", exportable.example_inputs(2, exportable.lengths[1]),
+                                 input_names=exportable.input_names, output_names=exportable.output_names,
+                                 dynamic_axes=exportable.dynamic_axes), threads=1)
+    program = exportable.export(folder / "model.pt2", "pt2")
+    int8 = quantize_int8(fp32.path, folder / "model.int8.onnx")
+    int8 = OnnxModel(int8.path, threads=1)
+    checks = exportable.check_inputs()
+    figures = {"onnx_max_abs_diff": max_abs_diff(eager, fp32, checks),
+               "pt2_max_abs_diff": max_abs_diff(eager, program, checks),
+               "int8_max_abs_diff": max_abs_diff(eager, int8, checks)}
+    name, metric = METRICS[domain]
+    with torch.no_grad():
+        figures |= {"metric": name, "metric_fp32": metric(task, eager, quick),
+                    "metric_onnx_fp32": metric(task, fp32, quick), "metric_int8": metric(task, int8, quick)}
+    runners = {"eager_fp32": eager, "onnx_fp32": fp32, "onnx_int8": int8}
+    latency = {}
+    for batch in (1, 32):
+        inputs = exportable.example_inputs(batch, exportable.lengths[1])
+        for runtime, ms in median_latencies(runners, inputs, rounds=2 if quick else 7,
+                                            calls=2 if quick else 10).items():
+            latency.setdefault(runtime, {})[f"b{batch}"] = ms
+    figures["latency_ms"] = latency
+    for batch in ("b1", "b32"):
+        figures[f"latency_ratio_{batch}"] = latency["eager_fp32"][batch] / latency["onnx_int8"][batch]
+        figures[f"latency_ratio_{batch}_onnx"] = latency["onnx_fp32"][batch] / latency["onnx_int8"][batch]
+    figures |= {"size_mb_fp32": file_megabytes(fp32.path), "size_mb_int8": file_megabytes(int8.path),
+                "size_mb_checkpoint": file_megabytes(WEIGHTS / MODELS[domain][1]),
+                "latency_input": ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(exportable.input_names, inputs)),
+                "parameters": sum(p.numel() for p in eager.parameters())}
+    return figures
+
+
+def distill_jobs(domain: str, out: Path, seeds: list[int], quick: bool, reuse: bool) -> dict[tuple, tuple]:
+    config, checkpoint, metric = STUDENTS[domain]
+    jobs = {}
+    for kind, distill in (("alone", ["--model.init_args.distill=null"]), ("distilled", [])):
+        for seed in seeds:
+            extra = [f"--seed_everything={seed}", *distill, *(QUICK if quick else [])]
+            name = f"{Path(config).stem}_{kind}_seed{seed}"
+            jobs[domain, kind, seed] = (CONFIGS / config, out, name, extra, checkpoint, metric, reuse)
+    return jobs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few batches of everything: checks the script only")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "deploy", help="exports, runs, logs")
+    parser.add_argument("--parts", nargs="+", default=["quantize", "distill"], choices=["quantize", "distill"])
+    parser.add_argument("--domains", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2, help="distillation runs at a time (one torch thread each)")
+    parser.add_argument("--reuse", action="store_true", help="read runs already finished in --out instead of rerunning")
+    args = parser.parse_args()
+    os.chdir(ROOT)  # the configs' data paths are relative to the repository
+    torch.set_num_threads(1)
+    figures: dict = {"quick": args.quick, "seeds": args.seeds, "threads": 1}
+
+    if "distill" in args.parts:
+        jobs = {}
+        for domain in (d for d in STUDENTS if d in args.domains):
+            jobs |= distill_jobs(domain, args.out, args.seeds, args.quick, args.reuse)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = {key: pool.submit(fit_and_test, *job) for key, job in jobs.items()}
+            results = {key: future.result() for key, future in futures.items()}
+        distillation = {}
+        for domain in sorted({key[0] for key in results}):
+            row: dict = {"metric": STUDENTS[domain][2], "config": f"configs/{STUDENTS[domain][0]}"}
+            for kind in ("alone", "distilled"):
+                runs = {seed: results[domain, kind, seed] for seed in args.seeds}
+                row[f"student_{kind}"], row[f"student_{kind}_std"] = summarise(runs)
+                row[f"student_{kind}_runs"] = runs
+            distillation[domain] = row
+        figures["distillation"] = distillation
+
+    if "quantize" in args.parts:
+        for domain in args.domains:
+            print(f"quantize: {domain}", flush=True)
+            figures[domain] = quantize_domain(domain, args.out, args.quick)
+        for domain, row in figures.get("distillation", {}).items():
+            if domain in figures:
+                row["teacher"] = figures[domain]["metric_fp32"]
+
+    header = (f"{'domain':<11}{'metric':<22}{'fp32':>8}{'int8':>8}{'b1 ms fp32/int8':>18}{'×':>6}"
+              f"{'b32 ms fp32/int8':>19}{'×':>6}{'onnx diff':>11}{'MB fp32/int8':>15}")
+    print("\n" + header)
+    for domain in (d for d in MODELS if d in figures):
+        f, ms = figures[domain], figures[domain]["latency_ms"]
+        print(f"{domain:<11}{f['metric']:<22}{f['metric_fp32']:>8.4f}{f['metric_int8']:>8.4f}"
+              f"{ms['eager_fp32']['b1']:>10.2f}/{ms['onnx_int8']['b1']:<7.2f}{f['latency_ratio_b1']:>6.1f}"
+              f"{ms['eager_fp32']['b32']:>11.2f}/{ms['onnx_int8']['b32']:<7.2f}{f['latency_ratio_b32']:>6.1f}"
+              f"{f['onnx_max_abs_diff']:>11.1e}{f['size_mb_fp32']:>8.2f}/{f['size_mb_int8']:<6.2f}")
+    for domain, row in figures.get("distillation", {}).items():
+        teacher = f"{row['teacher']:.4f}" if "teacher" in row else "-"
+        print(f"distillation {domain} ({row['metric']}): teacher {teacher}; student alone "
+              f"{row['student_alone']:.4f} ± {row['student_alone_std']:.4f}; distilled "
+              f"{row['student_distilled']:.4f} ± {row['student_distilled_std']:.4f} (seeds {args.seeds})")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
