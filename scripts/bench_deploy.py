@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS, WEIGHTS = ROOT / "configs", ROOT / "weights"
 MODELS = {  # domain → (config it was trained with, committed weights)
     "vision": ("vision/vit_tiny_digits.yaml", "vision/vit_tiny_digits.ckpt"),
-    "speech": ("speech/conformer_ctc_tiny_synthetic.yaml", "speech/conformer_ctc_tiny_synthetic.ckpt"),
+    "speech": ("speech/conformer_ctc_demo_synthetic.yaml", "speech/conformer_ctc_demo_synthetic.ckpt"),
     "timeseries": ("timeseries/patchtst_etth1_96.yaml", "timeseries/patchtst_etth1_96.ckpt"),
     "rl": ("rl/dt_cartpole.yaml", "rl/dt_cartpole.ckpt"),
 }

@@ -73,7 +73,9 @@ class Exportable:
                                          output_names=self.output_names, dynamic_axes=self.dynamic_axes))
         if format == "pt2":
             export_program(self.module, path, example, input_names=self.input_names, dynamic_axes=self.dynamic_axes)
-            return torch.export.load(str(path)).module()
+            # torch 2.14's generated input-guard function raises AttributeError ('NoneType' object has no attribute
+            # 'size') on the DT acting step at batch 1, which the program itself computes exactly: it is skipped
+            return torch.export.load(str(path)).module(check_guards=False)
         raise ValueError(f"format: expected 'onnx' or 'pt2', found {format!r}")
 
 
@@ -85,10 +87,10 @@ def default_axes(names: Sequence[str], dynamic_axes: dict[str, dict[int, str]] |
 
 
 def dynamic_shapes(names: Sequence[str], axes: dict[str, dict[int, str]]) -> tuple[dict[int, object], ...]:
-    """torch.export's dynamic_shapes for inputs in order: one Dim per axis name, shared between inputs."""
-    dims: dict[str, object] = {}
-    return tuple({axis: dims.setdefault(name, torch.export.Dim(name)) for axis, name in axes.get(input_name, {}).items()}
-                 for input_name in names)
+    """torch.export's dynamic_shapes for inputs in order: Dim.DYNAMIC on every named axis (torch infers the ranges
+    the model allows, e.g. at least a window of samples, and the axes that are one, e.g. a shared batch; an axis
+    the model fixes to one size is an error, not a silent constant). The names go on the ONNX file."""
+    return tuple({axis: torch.export.Dim.DYNAMIC for axis in axes.get(input_name, {})} for input_name in names)
 
 
 def input_names_of(example_inputs: Sequence[Tensor], input_names: Sequence[str] | None) -> list[str]:
@@ -144,12 +146,15 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: tuple[Tensor
     """`model` as one ONNX file at `path` (torch's dynamo-based exporter, dynamic axes declared, weights inside)."""
     names = input_names_of(example_inputs, input_names)
     axes = default_axes(names, dynamic_axes)
-    program = trace(model, example_inputs, names, axes)  # fails early, naming the module, on untraceable code
+    # torch.export first, alone: untraceable code fails here, naming the module (the ONNX exporter would go on to
+    # other capture strategies); the ONNX exporter then captures the module again itself
+    trace(model, example_inputs, names, axes)
     quiet = io.StringIO()
     with warnings.catch_warnings(), redirect_stdout(quiet):  # the exporter prints its progress
         warnings.simplefilter("ignore")
-        onnx_program = torch.onnx.export(program, tuple(example_inputs), dynamo=True, input_names=names,
-                                         output_names=list(output_names) if output_names else None, verbose=False)
+        onnx_program = torch.onnx.export(model, tuple(example_inputs), dynamo=True, input_names=names,
+                                         output_names=list(output_names) if output_names else None,
+                                         dynamic_shapes=dynamic_shapes(names, axes), verbose=False)
         onnx_program.optimize()
     import onnx
 

@@ -96,3 +96,28 @@ def test_rl_bc_outputs_bounded_actions_and_logits():
     bc = BehaviourCloning(5, 3, discrete=False, hidden=16)
     assert bc(torch.randn(7, 5) * 100).abs().max() <= 1.0
     assert BehaviourCloning(5, 3, discrete=True, hidden=16)(torch.randn(2, 4, 5)).shape == (2, 4, 3)
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_acting_step_with_tensor_cache_equals_step_with_kv_cache(discrete):
+    """The exportable acting step (cache as fixed-size tensors, a masked action slot at t = 0) gives the actions
+    of DecisionTransformer.step, past the attention window."""
+    from polyformer.domains.rl.model import ActingStep
+
+    torch.manual_seed(0)
+    state_dim, action_dim = (4, 2) if discrete else (17, 6)
+    dt = DecisionTransformer(state_dim, action_dim, discrete=discrete, context=4, max_ep_len=100,
+                             encoder=TransformerConfig(dim=32, depth=3, heads=2, activation="relu")).eval()
+    step = ActingStep(dt)
+    cache, (keys, values, valid) = dt.new_cache(), step.new_cache(3)
+    previous = None
+    with torch.no_grad():
+        for t in range(15):  # 15 steps: 45 tokens, past the 12-token window
+            returns, state, timestep = torch.randn(3) * 10, torch.randn(3, state_dim), torch.full((3,), t)
+            expected = dt.step(cache, returns, state, timestep, previous)
+            slot = previous if previous is not None else \
+                (torch.zeros(3, dtype=torch.long) if discrete else torch.zeros(3, action_dim))
+            action, keys, values, valid = step(keys, values, valid, returns, state, timestep, slot)
+            torch.testing.assert_close(action, expected, atol=1e-5, rtol=1e-5)
+            previous = torch.randint(0, action_dim, (3,)) if discrete else torch.rand(3, action_dim) * 2 - 1
+    assert valid.all()
