@@ -58,6 +58,8 @@ class Normalizer(nn.Module):
 class DecisionTransformer(nn.Module):
     """(R, s, a) tokens → causal encoder → action at every state token."""
 
+    export_axes = {i: {0: "batch", 1: "steps"} for i in range(4)}  # polyformer.deploy: R, s, a, t
+
     def __init__(self, state_dim: int, action_dim: int, *, discrete: bool, encoder: TransformerConfig,
                  context: int = 20, max_ep_len: int = 1000):
         super().__init__()

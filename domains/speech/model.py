@@ -51,6 +51,8 @@ class SpeechModelConfig:
 class SpeechRecognizer(nn.Module):
     """(b s) waveforms and (b,) sample counts → (b n v) CTC log-probabilities and (b,) frame counts."""
 
+    export_axes = {0: {0: "batch", 1: "samples"}, 1: {0: "batch"}}  # polyformer.deploy: dynamic axes
+
     def __init__(self, config: SpeechModelConfig, num_classes: int):
         super().__init__()
         self.config = config

@@ -140,6 +140,8 @@ def use_rand_dropout(module: nn.Module) -> None:
 class PatchTST(nn.Module):
     """(b L c) → (b H c): RevIN, per-channel patches → core encoder → flatten head, channels sharing all weights."""
 
+    export_axes = {0: {0: "batch", 2: "channels"}}  # polyformer.deploy: any number of channels
+
     def __init__(self, config: PatchTSTConfig):
         super().__init__()
         self.config = c = config

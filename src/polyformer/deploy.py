@@ -5,8 +5,9 @@
     int8 = quantize_int8("vit.onnx", "vit.int8.onnx")               # or quantize_int8(model, path, example_inputs)
     int8(images)                                                    # onnxruntime, tensors in and out
 
-- Dynamic axes: axis 0 of every input is the batch unless `dynamic_axes` ({input name: {axis: name}}) says
-  otherwise; an axis name shared by two inputs is one dimension (the batch of waveforms and of their lengths).
+- Dynamic axes: axis 0 of every input is the batch; a model with a time or token axis declares it in its
+  `export_axes` (input position → {axis: name}: the core's encoder and decoder, the speech recognizer, PatchTST's
+  channels, the DT's steps); `dynamic_axes` ({input name: {axis: name}}) overrides both.
   A task's `exportable()` returns an `Exportable`: its inference module, names, dynamic axes (time where the model
   has one) and example inputs of any shape; `polyformer export` uses it.
 - ONNX through torch's dynamo-based exporter, weights inside the one .onnx file.
@@ -79,9 +80,14 @@ class Exportable:
         raise ValueError(f"format: expected 'onnx' or 'pt2', found {format!r}")
 
 
-def default_axes(names: Sequence[str], dynamic_axes: dict[str, dict[int, str]] | None) -> dict[str, dict[int, str]]:
-    """Every input's axis 0 is the batch unless dynamic_axes names the input."""
+def default_axes(names: Sequence[str], dynamic_axes: dict[str, dict[int, str]] | None,
+                 model: nn.Module | None = None) -> dict[str, dict[int, str]]:
+    """Every input's axis 0 is the batch, unless dynamic_axes names the input; a model's `export_axes` (input
+    position → {axis: name}: its time or token axes) come in between."""
     axes = {name: {0: "batch"} for name in names}
+    for position, model_axes in (getattr(model, "export_axes", None) or {}).items():
+        if position < len(names):
+            axes[names[position]] = dict(model_axes)
     axes.update(dynamic_axes or {})
     return axes
 
@@ -135,7 +141,7 @@ def export_program(model: nn.Module, path: str | Path, example_inputs: tuple[Ten
                    dynamic_axes: dict[str, dict[int, str]] | None = None) -> torch.export.ExportedProgram:
     """torch.export of `model` saved at `path` (.pt2; load with torch.export.load(path).module())."""
     names = input_names_of(example_inputs, input_names)
-    program = trace(model, example_inputs, names, default_axes(names, dynamic_axes))
+    program = trace(model, example_inputs, names, default_axes(names, dynamic_axes, model))
     write_atomically(path, lambda file: torch.export.save(program, file))
     return program
 
@@ -145,7 +151,7 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: tuple[Tensor
                 dynamic_axes: dict[str, dict[int, str]] | None = None) -> Path:
     """`model` as one ONNX file at `path` (torch's dynamo-based exporter, dynamic axes declared, weights inside)."""
     names = input_names_of(example_inputs, input_names)
-    axes = default_axes(names, dynamic_axes)
+    axes = default_axes(names, dynamic_axes, model)
     # torch.export first, alone: untraceable code fails here, naming the module (the ONNX exporter would go on to
     # other capture strategies); the ONNX exporter then captures the module again itself
     trace(model, example_inputs, names, axes)

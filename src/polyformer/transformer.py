@@ -179,6 +179,8 @@ class _Stack(nn.Module):
 class TransformerEncoder(_Stack):
     """Bidirectional or causal self-attention stack: (b n d) → (b n d)."""
 
+    export_axes = {0: {0: "batch", 1: "tokens"}}  # polyformer.deploy: dynamic axes of the inputs
+
     def __init__(self, config: TransformerConfig):
         super().__init__(config, cross=False)
 
@@ -232,6 +234,8 @@ class TransformerEncoder(_Stack):
 
 class TransformerDecoder(_Stack):
     """Self-attention (causal when config.causal) + cross-attention to a memory: (b n d), (b m d) → (b n d)."""
+
+    export_axes = {0: {0: "batch", 1: "tokens"}, 1: {0: "batch", 1: "memory"}}  # polyformer.deploy
 
     def __init__(self, config: TransformerConfig):
         super().__init__(config, cross=True)

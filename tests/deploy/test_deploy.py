@@ -135,3 +135,12 @@ def test_fixed_size_cache_equals_the_growing_kv_cache(prenorm):
                                                                    torch.ones(2, chunk, dtype=torch.bool))
             torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert valid.all() and keys.shape == (2, 2, 2, 6, 8)
+
+
+def test_core_encoder_exports_with_dynamic_batch_and_token_axes(tmp_path):
+    encoder = TransformerEncoder(TransformerConfig(dim=16, depth=2, heads=2, position="rope")).eval()
+    onnx_model = OnnxModel(export_onnx(encoder, tmp_path / "encoder.onnx", (torch.randn(2, 7, 16),),
+                                       input_names=["x"]))
+    assert onnx_model.inputs[0].shape[:2] == ["batch", "tokens"]
+    inputs = [(torch.randn(batch, tokens, 16),) for batch, tokens in ((1, 3), (4, 7), (2, 33))]
+    assert max_abs_diff(encoder, onnx_model, inputs) <= 1e-4
