@@ -10,20 +10,27 @@ quantize — for each domain's committed weights (weights/README.md: the ViT on 
   ETTh1 test MSE, every window; CartPole return at target 500, 20 episodes, argmax actions, same seeds); latency at
   batch 1 and 32 (medians of 7 rounds, the three runtimes in a rotating order each round, one thread); file sizes
   (the .onnx files; the weights-only checkpoint for reference).
-distill — the student alone and distilled from the committed teacher, same config and seeds (0, 1, 2), each run's
-  checkpoint tested once: configs/vision/vit_mini_digits_distill.yaml (last checkpoint, test accuracy) and
-  configs/timeseries/patchtst_small_etth1_96_distill.yaml (lowest validation MSE, test MSE).
+select — the distillation recipe (temperature, weight) chosen on validation data: the student fitted on seed 0
+  with each recipe of GRID and its config's own, the best validation metric kept (digits: val accuracy of the last
+  epoch, whose checkpoint is tested; ETTh1: val MSE of the best epoch, whose checkpoint is tested). No test split is
+  read.
+distill — the student alone, distilled with its config's recipe (set before any run) and with the selected one,
+  same config and seeds (0, 1, 2), each run's checkpoint tested once: configs/vision/vit_mini_digits_distill.yaml
+  (last checkpoint, test accuracy) and configs/timeseries/patchtst_small_etth1_96_distill.yaml (lowest validation
+  MSE, test MSE).
 
 --json keys per domain (vision, speech, timeseries, rl): onnx_max_abs_diff, pt2_max_abs_diff, metric, metric_fp32,
 metric_onnx_fp32, metric_int8, latency_ms ({runtime: {b1, b32}}), latency_ratio_b1 and latency_ratio_b32 (eager fp32
 / onnxruntime int8), latency_ratio_b1_onnx and latency_ratio_b32_onnx (onnxruntime fp32 / int8: quantization alone),
-size_mb_fp32, size_mb_int8, size_mb_checkpoint; and distillation: {domain: {teacher, student_alone,
-student_distilled (means), their _std and _runs}}. --quick: a few batches of everything (a check of the script).
+size_mb_fp32, size_mb_int8, size_mb_checkpoint; distillation: {domain: {teacher, student_alone,
+student_distilled, student_distilled_selected (means), their _std and _runs, recipe, recipe_selected}};
+distillation_selection: the candidates' validation figures. --quick: a few batches of everything (a check of the script).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib
 import json
 import os
@@ -38,9 +45,10 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pretrain import QUICK, fit_and_test, summarise  # noqa: E402  the same run-and-test helpers
+from bench_pretrain import QUICK, fit_and_test, polyformer, run, summarise  # noqa: E402  shared helpers
 
 from polyformer.deploy import OnnxModel, export_onnx, export_program, file_megabytes, max_abs_diff, quantize_int8  # noqa: E402
+from polyformer.cli import newest_version  # noqa: E402
 from polyformer.training import PolyformerTask  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +63,12 @@ STUDENTS = {  # domain → (config, checkpoint tested, test metric)
     "vision": ("vision/vit_mini_digits_distill.yaml", "last", "test/acc1"),
     "timeseries": ("timeseries/patchtst_small_etth1_96_distill.yaml", "best", "test/mse"),
 }
+# the recipes `select` compares on validation data (seed 0): (temperature, weight); forecasts have no temperature
+GRID = {"vision": [(t, w) for t in (1.0, 4.0) for w in (0.5, 0.9)] + [(2.0, 0.9)],
+        "timeseries": [(2.0, w) for w in (0.25, 0.75, 0.9)]}
+# what a selection reads: the metric, its value over a run's epochs (that of the checkpoint tested: the last
+# epoch's, or the best), and which of two values is better
+VALIDATION = {"vision": ("val/acc1", lambda values: values[-1], max), "timeseries": ("val/mse", min, min)}
 
 
 def read_config(domain: str) -> dict:
@@ -183,10 +197,60 @@ def quantize_domain(domain: str, out: Path, quick: bool) -> dict:
     return figures
 
 
-def distill_jobs(domain: str, out: Path, seeds: list[int], quick: bool, reuse: bool) -> dict[tuple, tuple]:
+def recipe_args(temperature: float, weight: float) -> list[str]:
+    return [f"--model.init_args.distill.temperature={temperature}", f"--model.init_args.distill.weight={weight}"]
+
+
+def validation_value(run_dir: Path, name: str, over_epochs: Callable) -> float:
+    """over_epochs(values of a validation metric, epoch by epoch) of a run."""
+    with (newest_version(run_dir) / "metrics.csv").open() as f:
+        values = [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
+    if not values:
+        raise SystemExit(f"{name} not logged in {newest_version(run_dir)}")
+    return over_epochs(values)
+
+
+def select_recipe(domain: str, out: Path, quick: bool, reuse: bool, jobs: int) -> dict:
+    """Fits the student with each recipe of GRID on seed 0 and keeps the best validation metric (no test run);
+    the config's own recipe is among the candidates."""
+    config = CONFIGS / STUDENTS[domain][0]
+    distill = read_student_distill(domain)
+    candidates = list(dict.fromkeys([(distill["temperature"], distill["weight"]), *GRID[domain]]))
+    metric, over_epochs, best = VALIDATION[domain]
+
+    def fit(recipe: tuple[float, float]) -> float:
+        name = f"{config.stem}_select_t{recipe[0]:g}_w{recipe[1]:g}"
+        run_dir = out / "runs" / config.parent.name / name
+        if not (reuse and (run_dir / "version_0" / "checkpoints" / "last.ckpt").is_file()):
+            run(polyformer("fit", "-c", str(config), f"--run.root={out / 'runs'}", f"--run.name={name}",
+                           "--seed_everything=0", *recipe_args(*recipe), *(QUICK if quick else [])),
+                out / "logs" / f"{name}.fit.log")
+        return validation_value(run_dir, metric, over_epochs)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        scores = dict(zip(candidates, pool.map(fit, candidates)))
+    chosen = best(scores, key=scores.get)
+    return {"metric": metric, "seed": 0, "candidates": [{"temperature": t, "weight": w, "value": v}
+                                                       for (t, w), v in scores.items()],
+            "temperature": chosen[0], "weight": chosen[1]}
+
+
+def read_student_distill(domain: str) -> dict:
+    distill = yaml.safe_load((CONFIGS / STUDENTS[domain][0]).read_text())["model"]["init_args"]["distill"]
+    return {"temperature": distill.get("temperature", 2.0), "weight": distill.get("weight", 0.5)}
+
+
+def distill_jobs(domain: str, out: Path, seeds: list[int], quick: bool, reuse: bool,
+                 selected: dict | None) -> dict[tuple, tuple]:
+    """The student alone, distilled with its config's recipe and, when `select` ran, with the recipe chosen on
+    validation data (the same runs when the two recipes agree)."""
     config, checkpoint, metric = STUDENTS[domain]
+    kinds = [("alone", ["--model.init_args.distill=null"]), ("distilled", [])]
+    own = read_student_distill(domain)
+    if selected is not None and (selected["temperature"], selected["weight"]) != (own["temperature"], own["weight"]):
+        kinds.append(("distilled_selected", recipe_args(selected["temperature"], selected["weight"])))
     jobs = {}
-    for kind, distill in (("alone", ["--model.init_args.distill=null"]), ("distilled", [])):
+    for kind, distill in kinds:
         for seed in seeds:
             extra = [f"--seed_everything={seed}", *distill, *(QUICK if quick else [])]
             name = f"{Path(config).stem}_{kind}_seed{seed}"
@@ -199,7 +263,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few batches of everything: checks the script only")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "deploy", help="exports, runs, logs")
-    parser.add_argument("--parts", nargs="+", default=["quantize", "distill"], choices=["quantize", "distill"])
+    parser.add_argument("--parts", nargs="+", default=["quantize", "select", "distill"],
+                        choices=["quantize", "select", "distill"])
     parser.add_argument("--domains", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="distillation runs at a time (one torch thread each)")
@@ -209,17 +274,26 @@ def main() -> None:
     torch.set_num_threads(1)
     figures: dict = {"quick": args.quick, "seeds": args.seeds, "threads": 1}
 
+    selected = {}
+    if "select" in args.parts:
+        for domain in (d for d in STUDENTS if d in args.domains):
+            selected[domain] = select_recipe(domain, args.out, args.quick, args.reuse, args.jobs)
+            print(f"select {domain}: {selected[domain]}", flush=True)
+        figures["distillation_selection"] = selected
     if "distill" in args.parts:
         jobs = {}
         for domain in (d for d in STUDENTS if d in args.domains):
-            jobs |= distill_jobs(domain, args.out, args.seeds, args.quick, args.reuse)
+            jobs |= distill_jobs(domain, args.out, args.seeds, args.quick, args.reuse, selected.get(domain))
         with ThreadPoolExecutor(args.jobs) as pool:
             futures = {key: pool.submit(fit_and_test, *job) for key, job in jobs.items()}
             results = {key: future.result() for key, future in futures.items()}
         distillation = {}
         for domain in sorted({key[0] for key in results}):
             row: dict = {"metric": STUDENTS[domain][2], "config": f"configs/{STUDENTS[domain][0]}"}
-            for kind in ("alone", "distilled"):
+            row["recipe"] = read_student_distill(domain)
+            if domain in selected:
+                row["recipe_selected"] = {key: selected[domain][key] for key in ("temperature", "weight")}
+            for kind in sorted({key[1] for key in results if key[0] == domain}):
                 runs = {seed: results[domain, kind, seed] for seed in args.seeds}
                 row[f"student_{kind}"], row[f"student_{kind}_std"] = summarise(runs)
                 row[f"student_{kind}_runs"] = runs
@@ -245,9 +319,10 @@ def main() -> None:
               f"{f['onnx_max_abs_diff']:>11.1e}{f['size_mb_fp32']:>8.2f}/{f['size_mb_int8']:<6.2f}")
     for domain, row in figures.get("distillation", {}).items():
         teacher = f"{row['teacher']:.4f}" if "teacher" in row else "-"
-        print(f"distillation {domain} ({row['metric']}): teacher {teacher}; student alone "
-              f"{row['student_alone']:.4f} ± {row['student_alone_std']:.4f}; distilled "
-              f"{row['student_distilled']:.4f} ± {row['student_distilled_std']:.4f} (seeds {args.seeds})")
+        kinds = [kind for kind in ("alone", "distilled", "distilled_selected") if f"student_{kind}" in row]
+        print(f"distillation {domain} ({row['metric']}, seeds {args.seeds}): teacher {teacher}; "
+              + "; ".join(f"student {kind} {row[f'student_{kind}']:.4f} ± {row[f'student_{kind}_std']:.4f}"
+                          for kind in kinds))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

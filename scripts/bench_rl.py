@@ -99,11 +99,15 @@ def acting_latency(steps: int, block: int = 20) -> dict:
     model = halfcheetah_size_dt(0.0).eval()
     observations = torch.randn(steps, 1, 17, generator=torch.Generator().manual_seed(1))
     policies = {"cache": DTPolicy(model, torch.tensor([6000.0])),
-                "recompute": DTPolicy(model, torch.tensor([6000.0]), cache=False)}
+                "recompute": DTPolicy(model, torch.tensor([6000.0]), cache=False),
+                # the DT paper's acting: a full forward over the last K steps (a re-cut context: other actions)
+                "recompute_last_k": DTPolicy(model, torch.tensor([6000.0]), cache=False,
+                                             recompute_steps=model.context)}
     times: dict[str, list[float]] = {name: [] for name in policies}
     max_difference = 0.0
     for first in range(0, steps, block):  # both policies walk the same episode; their order alternates per block
-        order = list(policies) if (first // block) % 2 == 0 else list(reversed(policies))
+        names = list(policies)
+        order = names[(first // block) % 3:] + names[:(first // block) % 3]  # a rotating order
         actions = {}
         for name in order:
             acted = []
@@ -118,8 +122,11 @@ def acting_latency(steps: int, block: int = 20) -> dict:
     steady = model.receptive_steps
     median = {name: statistics.median(values[steady:] or values) for name, values in times.items()}
     return {"cache_ms": 1e3 * median["cache"], "recompute_ms": 1e3 * median["recompute"],
-            "speedup": median["recompute"] / median["cache"], "max_action_difference": max_difference,
-            "steps": steps, "recompute_steps": steady}
+            "recompute_last_k_ms": 1e3 * median["recompute_last_k"],
+            "speedup": median["recompute"] / median["cache"],
+            "speedup_vs_last_k": median["recompute_last_k"] / median["cache"],
+            "max_action_difference": max_difference, "steps": steps, "recompute_steps": steady,
+            "last_k_steps": model.context}
 
 
 def training_throughput(steps: int, batch: int = 64, k: int = 20) -> dict:
@@ -130,9 +137,17 @@ def training_throughput(steps: int, batch: int = 64, k: int = 20) -> dict:
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
     ours = halfcheetah_size_dt(0.1).train()
-    hf = DecisionTransformerModel(DecisionTransformerConfig(
-        state_dim=17, act_dim=6, hidden_size=128, n_layer=3, n_head=1, n_inner=512, activation_function="relu",
-        max_ep_len=1000, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, action_tanh=True)).train()
+    def hf_dt(embedding_dropout: float):
+        return DecisionTransformerModel(DecisionTransformerConfig(
+            state_dim=17, act_dim=6, hidden_size=128, n_layer=3, n_head=1, n_inner=512, activation_function="relu",
+            max_ep_len=1000, resid_pdrop=0.1, embd_pdrop=embedding_dropout, attn_pdrop=0.1, action_tanh=True)).train()
+
+    # HF as published (embedding dropout 0.1, which ours lacks), and without it: the same dropout as ours. What HF
+    # still does beyond ours: GPT-2's own position table added to the tokens (131,072 parameters) and the state and
+    # return heads (computed, unused by the action loss): 133,522 parameters, ~0.1 % of a step's FLOPs
+    hf = hf_dt(0.1)
+    hf_same_dropout = hf_dt(0.0)
+    hf_same_dropout.load_state_dict(hf.state_dict())
     g = torch.Generator().manual_seed(2)
     states, actions = torch.randn(batch, k, 17, generator=g), torch.rand(batch, k, 6, generator=g) * 2 - 1
     rtg, timesteps = torch.rand(batch, k, generator=g) * 5, torch.randint(0, 980, (batch, k), generator=g)
@@ -143,17 +158,19 @@ def training_throughput(steps: int, batch: int = 64, k: int = 20) -> dict:
         out = ours(rtg, states, actions, timesteps, padding)
         return torch.nn.functional.mse_loss(out[~padding], actions[~padding])
 
-    def hf_loss():
-        out = hf(states=states, actions=actions, rewards=torch.zeros(batch, k, 1), returns_to_go=rtg[..., None],
-                 timesteps=timesteps, attention_mask=(~padding).long(), return_dict=True)
+    def hf_loss(model):
+        out = model(states=states, actions=actions, rewards=torch.zeros(batch, k, 1), returns_to_go=rtg[..., None],
+                    timesteps=timesteps, attention_mask=(~padding).long(), return_dict=True)
         return torch.nn.functional.mse_loss(out.action_preds[~padding], actions[~padding])
 
-    runs = {"ours": (ours, our_loss), "hf": (hf, hf_loss)}
+    runs = {"ours": (ours, our_loss), "hf": (hf, lambda: hf_loss(hf)),
+            "hf_no_embedding_dropout": (hf_same_dropout, lambda: hf_loss(hf_same_dropout))}
     optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
                   for name, (model, _) in runs.items()}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(steps + 3):
-        for name in (("ours", "hf") if i % 2 == 0 else ("hf", "ours")):
+        names = list(runs)
+        for name in names[i % 3:] + names[:i % 3]:  # a rotating order
             model, loss_fn = runs[name]
             start = time.perf_counter()
             loss = loss_fn()
@@ -165,7 +182,10 @@ def training_throughput(steps: int, batch: int = 64, k: int = 20) -> dict:
                 times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(values) for name, values in times.items()}
     return {"ours_samples_per_s": batch / median["ours"], "hf_samples_per_s": batch / median["hf"],
-            "ratio": median["hf"] / median["ours"], "steps": steps, "batch": batch, "k": k,
+            "hf_no_embedding_dropout_samples_per_s": batch / median["hf_no_embedding_dropout"],
+            "ratio": median["hf"] / median["ours"],
+            "ratio_same_dropout": median["hf_no_embedding_dropout"] / median["ours"], "steps": steps, "batch": batch,
+            "k": k,
             "ours_params": sum(p.numel() for p in ours.parameters()),
             "hf_params": sum(p.numel() for p in hf.parameters())}
 
@@ -227,9 +247,7 @@ def report(args, cart: dict, cheetah: dict, latency: dict, throughput: dict) -> 
     print(f"Acting, batch 1, HalfCheetah-sized DT: {latency['cache_ms']:.2f} ms/step with the KV cache, "
           f"{latency['recompute_ms']:.2f} ms recomputing {latency['recompute_steps']} steps → "
           f"{latency['speedup']:.2f}× (max action difference {latency['max_action_difference']:.1e})")
-    print(f"Training, batch {throughput['batch']} × K {throughput['k']}: ours {throughput['ours_samples_per_s']:.0f} "
-          f"samples/s, HF DecisionTransformerModel {throughput['hf_samples_per_s']:.0f} → "
-          f"{throughput['ratio']:.2f}×")
+    print_speed(latency, throughput)
     print(f"Figure: {args.figure}")
     return {
         "cartpole_dt_return": cart["dt_return"],
@@ -244,6 +262,18 @@ def report(args, cart: dict, cheetah: dict, latency: dict, throughput: dict) -> 
     }
 
 
+def print_speed(latency: dict, throughput: dict) -> None:
+    print(f"Acting, batch 1: KV cache {latency['cache_ms']:.2f} ms/step; recomputing the {latency['recompute_steps']} "
+          f"steps an action depends on {latency['recompute_ms']:.2f} ms ({latency['speedup']:.2f}×, same actions); "
+          f"recomputing the last K = {latency['last_k_steps']} steps, the DT paper's acting "
+          f"{latency['recompute_last_k_ms']:.2f} ms ({latency['speedup_vs_last_k']:.2f}×, other actions)")
+    print(f"Training, batch {throughput['batch']} × K {throughput['k']}: ours {throughput['ours_samples_per_s']:.0f} "
+          f"samples/s ({throughput['ours_params']:,} parameters); HF DecisionTransformerModel "
+          f"{throughput['hf_samples_per_s']:.0f} ({throughput['hf_params']:,}) → {throughput['ratio']:.2f}×; HF "
+          f"without its embedding dropout (the same dropout as ours) "
+          f"{throughput['hf_no_embedding_dropout_samples_per_s']:.0f} → {throughput['ratio_same_dropout']:.2f}×")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short CartPole training and fewer timing steps")
@@ -253,10 +283,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--refresh", type=Path, help="re-read the HalfCheetah runs into this earlier --json result "
                                                      "(no new measurements) and report again")
+    parser.add_argument("--speed-only", action="store_true", help="parts 3 and 4 alone; --json: their figures")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.speed_only:
+        latency = acting_latency(120 if args.quick else 300)
+        throughput = training_throughput(10 if args.quick else 30)
+        print_speed(latency, throughput)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"acting": latency, "training": throughput, "quick": args.quick,
+                                             "threads": torch.get_num_threads()}, indent=1) + "\n")
+        return
 
     if args.refresh:
         details = json.loads(args.refresh.read_text())["details"]

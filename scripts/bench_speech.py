@@ -3,9 +3,11 @@
     python scripts/bench_speech.py [--quick] [--json PATH] [--ckpt PATH]
 
 1. Throughput: seconds of audio per second of training (forward, CTC loss, backward, AdamW step) of the tiny
-   config's recognizer with our Conformer (as configured, with RoPE; and without positions, the same computation
-   as torchaudio's) and with `torchaudio.models.Conformer` of the same size in its place (same front end,
-   subsampling and head), timed alternately in one process; medians and the ratios ours/torchaudio.
+   config's recognizer with our Conformer and with `torchaudio.models.Conformer` of the same size in its place
+   (same front end, subsampling and head, same parameter count), doing the same work: no positions (torchaudio's
+   has none), and the same dropout everywhere, attention weights included (torchaudio's `dropout` also drops
+   them) — once 0 on both sides, once 0.1 on both; ours as configured (RoPE) for reference. Timed in one process,
+   each model once per round in a rotating order; medians and the ratios ours/torchaudio.
 2. Accuracy: CER and WER of the tiny config on the synthetic test split and on the held-out-accent split.
    Without --ckpt it trains first (`polyformer fit -c configs/speech/conformer_ctc_tiny_synthetic.yaml`), on
    data/synthetic_librispeech (made when missing, >= 75 min of training audio); --quick uses a small corpus in a
@@ -13,7 +15,8 @@
    only tests that checkpoint on data/synthetic_librispeech (--quick then shortens the throughput part alone), and
    train_seconds is the training time logged in that checkpoint's run (train/time in its metrics.csv: the
    training loop without validation, and for a resumed fit only its last part), not the wall clock of a fit.
---json PATH writes train_ratio_vs_torchaudio, test_cer, test_wer, heldout_voice_cer, train_seconds.
+--json PATH writes train_ratio_vs_torchaudio_dropout0.0 and _dropout0.1 (train_ratio_vs_torchaudio: the latter),
+test_cer, test_wer, heldout_voice_cer, train_seconds.
 """
 
 from __future__ import annotations
@@ -66,14 +69,27 @@ def tiny_model_config() -> SpeechModelConfig:
 
 
 def throughput(quick: bool) -> dict:
-    """Alternating timed training steps of both models on the same batch; medians of audio seconds per second."""
+    """Timed training steps of our recognizer and of the same one with torchaudio's Conformer, on one batch, doing
+    the same work: the same dropout everywhere (torchaudio's `dropout` also drops attention weights, so ours gets
+    attn_dropout equal to dropout), once with none on either side and once with 0.1 on both; and ours as configured
+    (RoPE), for reference. Every round runs each model once, in a rotating order; medians of audio seconds per
+    second."""
     torch.manual_seed(0)
     config = tiny_model_config()
-    # ours as configured (RoPE), ours without positions (the same computation as torchaudio's), torchaudio's
-    no_positions = dataclasses.replace(config, conformer=dataclasses.replace(config.conformer, position="none"))
-    models = {"ours": SpeechRecognizer(config, 29), "ours_no_positions": SpeechRecognizer(no_positions, 29),
-              "torchaudio": SpeechRecognizer(config, 29)}
-    models["torchaudio"].encoder = TorchaudioEncoder(config.conformer)
+
+    def with_dropout(rate: float, position: str) -> SpeechModelConfig:
+        conformer = dataclasses.replace(config.conformer, dropout=rate, attn_dropout=rate, position=position)
+        return dataclasses.replace(config, conformer=conformer)
+
+    models = {}
+    for rate in (0.0, 0.1):
+        models[f"ours_dropout{rate}"] = SpeechRecognizer(with_dropout(rate, "none"), 29)  # torchaudio's computation
+        models[f"torchaudio_dropout{rate}"] = SpeechRecognizer(with_dropout(rate, "none"), 29)
+        models[f"torchaudio_dropout{rate}"].encoder = TorchaudioEncoder(with_dropout(rate, "none").conformer)
+    models["ours_rope_as_configured"] = SpeechRecognizer(config, 29)
+    counts = {name: sum(p.numel() for p in m.encoder.parameters()) for name, m in models.items()}
+    if counts["ours_dropout0.0"] != counts["torchaudio_dropout0.0"]:
+        raise SystemExit(f"the two encoders differ in size: {counts}")
     batch, seconds = (8, 4.0) if quick else (16, 4.0)
     waves = torch.randn(batch, int(seconds * 16_000)) * 0.1
     lengths = torch.full((batch,), waves.shape[1]) - torch.arange(batch) * 1600  # ragged, like real batches
@@ -90,17 +106,23 @@ def throughput(quick: bool) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    for name in models:  # warm-up
+    names = list(models)
+    for name in names:  # warm-up
         step(name)
-    times = {name: [] for name in models}
-    for _ in range(3 if quick else 10):
-        for name in models:
+    times = {name: [] for name in names}
+    for r in range(3 if quick else 10):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # a rotating order
             times[name].append(step(name))
     audio = float(lengths.sum()) / 16_000
     rates = {name: audio / statistics.median(t) for name, t in times.items()}
     result = {f"{name}_audio_seconds_per_second": round(rate, 2) for name, rate in rates.items()}
-    result["train_ratio_vs_torchaudio"] = round(rates["ours"] / rates["torchaudio"], 3)
-    result["train_ratio_vs_torchaudio_no_positions"] = round(rates["ours_no_positions"] / rates["torchaudio"], 3)
+    result["encoder_parameters"] = counts
+    for rate in (0.0, 0.1):
+        result[f"train_ratio_vs_torchaudio_dropout{rate}"] = round(
+            rates[f"ours_dropout{rate}"] / rates[f"torchaudio_dropout{rate}"], 3)
+    result["train_ratio_vs_torchaudio"] = result["train_ratio_vs_torchaudio_dropout0.1"]  # the configs' dropout
+    result["train_ratio_rope_as_configured_vs_torchaudio_dropout0.1"] = round(
+        rates["ours_rope_as_configured"] / rates["torchaudio_dropout0.1"], 3)
     result["throughput_batch"] = f"{batch} utterances, {audio:.1f} s of audio, {torch.get_num_threads()} threads"
     return result
 

@@ -7,13 +7,15 @@ Each horizon trains configs/timeseries/patchtst_etth1_{H}.yaml and dlinear_etth1
 `polyformer`'s own CLI objects, then tests the checkpoint with the best validation MSE on every test window.
 Throughput: both models built the same way (L 336, patch 16, stride 8, 41 patches: our end padding is off here because
 HF has none; d 16, 4 heads, 3 layers, ffn 128, post-norm BatchNorm, dropout 0.3, RevIN / std scaling, MSE, AdamW),
-one training step each in turn on the same batch, medians over the timed steps; ratio = our samples/s ÷ HF's.
+one training step each in turn (a rotating order) on the same batch, medians over the timed steps; ratio = our
+samples/s ÷ HF's, and ratio_nn_dropout the same with torch's nn.Dropout in place of our RandDropout.
 --quick trains a few batches and tests a few batches: a smoke run of the whole script, not a result.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -44,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is fastest on a shared, oversubscribed machine)")
     parser.add_argument("--throughput-steps", type=int, default=None, help="timed steps per model (default 20)")
+    parser.add_argument("--throughput-only", action="store_true", help="the throughput part alone; --json: its figures")
     return parser.parse_args()
 
 
@@ -110,6 +113,7 @@ def throughput(steps: int, warmup: int, batch: int = 128) -> dict:
     from transformers import PatchTSTForPrediction
 
     from polyformer.domains.timeseries import PatchTST, PatchTSTConfig
+    from polyformer.domains.timeseries.model import RandDropout
     from polyformer.transformer import TransformerConfig
 
     torch.manual_seed(0)
@@ -125,12 +129,21 @@ def throughput(steps: int, warmup: int, batch: int = 128) -> dict:
                          head_dropout=0.0, share_projection=True, attn_implementation="sdpa")
     hf = PatchTSTForPrediction(hf_config).train()
     assert hf.config._attn_implementation == "sdpa", hf.config._attn_implementation
+    # ours with torch's own nn.Dropout in place of the domain's RandDropout (the same masks' distribution)
+    ours_nn_dropout = copy.deepcopy(ours)
+    for module in list(ours_nn_dropout.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, RandDropout):
+                setattr(module, name, torch.nn.Dropout(child.p))
     x, y = torch.randn(batch, 336, 7), torch.randn(batch, 96, 7)
-    optimizers = {"ours": torch.optim.AdamW(ours.parameters(), 1e-4), "hf": torch.optim.AdamW(hf.parameters(), 1e-4)}
-    losses = {"ours": lambda: F.mse_loss(ours(x), y), "hf": lambda: hf(past_values=x, future_values=y).loss}
-    times: dict[str, list[float]] = {"ours": [], "hf": []}
+    models = {"ours": ours, "hf": hf, "ours_nn_dropout": ours_nn_dropout}
+    optimizers = {name: torch.optim.AdamW(model.parameters(), 1e-4) for name, model in models.items()}
+    losses = {"ours": lambda: F.mse_loss(ours(x), y), "hf": lambda: hf(past_values=x, future_values=y).loss,
+              "ours_nn_dropout": lambda: F.mse_loss(ours_nn_dropout(x), y)}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
     for i in range(warmup + steps):
-        for name in ("ours", "hf") if i % 2 == 0 else ("hf", "ours"):  # alternate who goes first
+        for name in names[i % 3:] + names[:i % 3]:  # a rotating order
             start = time.perf_counter()
             loss = losses[name]()
             optimizers[name].zero_grad(set_to_none=True)
@@ -141,7 +154,8 @@ def throughput(steps: int, warmup: int, batch: int = 128) -> dict:
     medians = {name: statistics.median(values) for name, values in times.items()}
     return {"batch": batch, "steps": steps, "threads": torch.get_num_threads(),
             "ours_samples_per_s": batch / medians["ours"], "hf_samples_per_s": batch / medians["hf"],
-            "ratio": medians["hf"] / medians["ours"],
+            "ours_nn_dropout_samples_per_s": batch / medians["ours_nn_dropout"],
+            "ratio": medians["hf"] / medians["ours"], "ratio_nn_dropout": medians["hf"] / medians["ours_nn_dropout"],
             "params": {"ours": sum(p.numel() for p in ours.parameters()),
                        "hf": sum(p.numel() for p in hf.parameters())}}
 
@@ -152,6 +166,13 @@ def main() -> None:
     csv = Path(args.csv) if args.csv else default_csv()
     if not csv.is_file():
         raise SystemExit(f"--csv: expected an ETT-format CSV file, found nothing at {csv}")
+    if args.throughput_only:
+        speed = throughput(args.throughput_steps or (4 if args.quick else 20), warmup=1 if args.quick else 3)
+        print(json.dumps(speed, indent=2))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(speed | {"quick": args.quick}, indent=2) + "\n")
+        return
     horizons = [int(h) for h in (args.horizons or ("96" if args.quick else "96,192,336,720")).split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,12 +4,13 @@
 
 1. Training-step (forward, backward, AdamW step) and inference images/s of our ViT and timm's same model with the
    same weights (ViT-Ti/16, 224 px, batch 32, fp32 on CPU by default), timed alternately round by round in one
-   process; medians and the ratio ours/timm.
+   process; medians and the ratio ours/timm — ours as it runs (the last block computes the class token alone) and
+   with that read-out switched off (every token computed, timm's work exactly).
 2. Trains configs/vision/vit_tiny_digits.yaml with the `polyformer fit` command it prints, then tests its last
    checkpoint on the held-out split (--quick: a shorter schedule of the same config, said so in the output).
 3. Attention rollout of the trained digits model over a few test images, saved as PNG.
 
---json writes train_ratio_vs_timm, infer_ratio_vs_timm, digits_test_acc, digits_train_seconds.
+--json writes train_ratio_vs_timm, infer_ratio_vs_timm (and _full_readout siblings), digits_test_acc, digits_train_seconds.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ def throughput(model_name: str, batch: int, img_size: int, rounds: int, repeats:
     torch.manual_seed(0)
     theirs = timm.create_model(model_name, pretrained=False, img_size=img_size)
     ours = VisionTransformer.from_timm(theirs)
-    models = {"ours": ours, "timm": theirs}
+    # ours reads the class token only: its last block computes queries, feed-forward and norm there alone (timm's
+    # computes every token's and then keeps one). The same model without that skip does timm's work exactly:
+    models = {"ours": ours, "timm": theirs, "ours_full_readout": FullReadout(ours)}
     images = torch.randn(batch, 3, img_size, img_size)
     labels = torch.randint(theirs.num_classes, (batch,))
     optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-4) for name, model in models.items()}
@@ -74,16 +77,29 @@ def throughput(model_name: str, batch: int, img_size: int, rounds: int, repeats:
             model.train(kind == "train")
         for name in models:  # warm-up
             fn(name)
+        names = list(models)
         for r in range(rounds):
-            order = list(models) if r % 2 == 0 else list(models)[::-1]
-            for name in order:
+            for name in names[r % len(names):] + names[:r % len(names)]:  # a rotating order
                 seconds[kind, name].append(time_call(lambda: fn(name), repeats))
     result = {}
     for kind in ("train", "infer"):
         for name in models:
             result[f"{kind}_{name}_images_per_s"] = batch / statistics.median(seconds[kind, name])
         result[f"{kind}_ratio_vs_timm"] = result[f"{kind}_ours_images_per_s"] / result[f"{kind}_timm_images_per_s"]
+        result[f"{kind}_ratio_vs_timm_full_readout"] = \
+            result[f"{kind}_ours_full_readout_images_per_s"] / result[f"{kind}_timm_images_per_s"]
     return result
+
+
+class FullReadout(torch.nn.Module):
+    """Our ViT (the same parameters) with the class-token-only last block switched off: every token computed."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, images):
+        return self.vit.forward_head(self.vit.forward_features(images, query_index=None))
 
 
 def test_accuracy(run: Path) -> float:
@@ -153,6 +169,7 @@ def main() -> None:
     parser.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name for the throughput part")
     parser.add_argument("--batch", type=int, default=None, help="default 32 (8 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--throughput-only", action="store_true", help="part 1 alone; --json gets its figures")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -166,6 +183,12 @@ def main() -> None:
     for key, value in speed.items():
         print(f"    {key}: {value:.3f}")
 
+    if args.throughput_only:
+        if args.json:
+            args.json.write_text(json.dumps(speed | {"model": args.model, "batch": batch, "rounds": rounds,
+                                                     "threads": torch.get_num_threads()}, indent=2) + "\n")
+            print(f"wrote {args.json}")
+        return 0
     extra = ["--trainer.max_epochs=15"] if args.quick else []
     print(f"[2] digits{' (--quick: 15-epoch schedule of the same config)' if args.quick else ''}", flush=True)
     seconds, accuracy, run = train_digits(args.out, extra)
@@ -176,9 +199,8 @@ def main() -> None:
     print(f"[3] attention rollout figure: {figure}")
 
     if args.json:
-        report = {"train_ratio_vs_timm": speed["train_ratio_vs_timm"],
-                  "infer_ratio_vs_timm": speed["infer_ratio_vs_timm"],
-                  "digits_test_acc": accuracy, "digits_train_seconds": seconds}
+        report = {key: speed[key] for key in speed if "_ratio_vs_timm" in key} | {
+            "digits_test_acc": accuracy, "digits_train_seconds": seconds}
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
 

@@ -66,8 +66,13 @@ class DTPolicy:
     """Acts with a Decision Transformer for a batch of episodes, one target return per episode."""
 
     def __init__(self, model: DecisionTransformer, targets: Tensor, *, cache: bool = True, sample: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, recompute_steps: int | None = None):
+        """recompute_steps (without the cache): steps of history each action recomputes; default the model's
+        receptive field (the cache's actions exactly); `model.context` is the DT paper's re-cut context."""
         self.model, self.sample = model, sample
+        self.recompute_steps = recompute_steps or model.receptive_steps
+        if self.recompute_steps < 2:
+            raise ValueError(f"recompute_steps must be at least 2, found {self.recompute_steps}")
         self.device = next(model.parameters()).device
         self.returns_to_go = targets.float().to(self.device)  # (b)
         self.cache = model.new_cache() if cache else None
@@ -94,8 +99,9 @@ class DTPolicy:
         return action
 
     def recompute(self, state: Tensor, timestep: Tensor) -> Tensor:
-        """A full forward over the steps an action can depend on (exact: older steps are out of its reach)."""
-        keep = self.model.receptive_steps
+        """A full forward over the last recompute_steps steps (by default those an action can depend on: exact,
+        older steps are out of its reach)."""
+        keep = self.recompute_steps
         for key, value in (("returns_to_go", self.returns_to_go), ("states", state), ("timesteps", timestep)):
             self.history[key] = (self.history[key] + [value])[-keep:]
         self.history["actions"] = self.history["actions"][-(keep - 1):]  # one fewer than states (keep >= 2)

@@ -78,7 +78,7 @@ class ForecastTask(PolyformerTask):
             if getattr(datamodule, name) != getattr(config, name):
                 raise ValueError(f"data.{name}={getattr(datamodule, name)} but model.{name}={getattr(config, name)}; "
                                  f"set both to the same value")
-        if hasattr(config, "(batch, horizon, channels)"):  # Lightning has set the data module up before this hook
+        if hasattr(config, "channels"):  # Lightning has set the data module up before this hook
             if datamodule.num_channels != config.channels:
                 raise ValueError(f"the data has {datamodule.num_channels} channels ({datamodule.channels}) but "
                                  f"model.channels={config.channels}")
