@@ -29,10 +29,8 @@ distillation_selection: the candidates' validation figures. --quick: a few batch
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib
-import json
 import os
 import statistics
 import sys
@@ -45,9 +43,9 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pretrain import QUICK, fit_and_test, polyformer, run, summarise  # noqa: E402  shared helpers
+from bench_pretrain import QUICK, fit_and_test, polyformer, run, runs_parser, summarise, write_json  # noqa: E402  shared helpers
 
-from polyformer.deploy import OnnxModel, export_onnx, export_program, file_megabytes, max_abs_diff, quantize_int8  # noqa: E402
+from polyformer.deploy import OnnxModel, export_onnx, file_megabytes, max_abs_diff, quantize_int8  # noqa: E402
 from polyformer.cli import newest_version  # noqa: E402
 from polyformer.training import PolyformerTask  # noqa: E402
 
@@ -259,16 +257,9 @@ def distill_jobs(domain: str, out: Path, seeds: list[int], quick: bool, reuse: b
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few batches of everything: checks the script only")
-    parser.add_argument("--json", type=Path, help="write the figures here")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "deploy", help="exports, runs, logs")
+    parser = runs_parser(__doc__.splitlines()[0], ROOT / "bench_out" / "deploy", list(MODELS))
     parser.add_argument("--parts", nargs="+", default=["quantize", "select", "distill"],
                         choices=["quantize", "select", "distill"])
-    parser.add_argument("--domains", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--jobs", type=int, default=2, help="distillation runs at a time (one torch thread each)")
-    parser.add_argument("--reuse", action="store_true", help="read runs already finished in --out instead of rerunning")
     args = parser.parse_args()
     os.chdir(ROOT)  # the configs' data paths are relative to the repository
     torch.set_num_threads(1)
@@ -323,10 +314,7 @@ def main() -> None:
         print(f"distillation {domain} ({row['metric']}, seeds {args.seeds}): teacher {teacher}; "
               + "; ".join(f"student {kind} {row[f'student_{kind}']:.4f} ± {row[f'student_{kind}_std']:.4f}"
                           for kind in kinds))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, figures)
 
 
 if __name__ == "__main__":

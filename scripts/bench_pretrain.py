@@ -110,6 +110,14 @@ def pretrain(config: Path, out: Path, extra: list[str], reuse: bool) -> tuple[Pa
     return weights, seconds / 60
 
 
+def write_json(path: Path | None, figures: dict) -> None:
+    """The figures as JSON at `path` (nothing when None), as the benchmark measured them."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
 def summarise(runs: dict[int, float]) -> tuple[float, float]:
     values = list(runs.values())
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
@@ -144,15 +152,21 @@ def timeseries_jobs(out: Path, weights: Path, seeds: list[int], quick: bool, reu
     return jobs
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def runs_parser(description: str, out: Path, domains: list[str]) -> argparse.ArgumentParser:
+    """The options of a benchmark made of `polyformer` runs (this one and bench_deploy.py)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="a few batches of everything: checks the script only")
     parser.add_argument("--json", type=Path, help="write the figures here")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "pretrain", help="runs, logs, weights")
+    parser.add_argument("--out", type=Path, default=out, help="runs, logs and what the runs write")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one torch thread each)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--domains", nargs="+", default=["vision", "timeseries"], choices=["vision", "timeseries"])
+    parser.add_argument("--domains", nargs="+", default=domains, choices=domains)
     parser.add_argument("--reuse", action="store_true", help="read runs already finished in --out instead of rerunning")
+    return parser
+
+
+def main() -> None:
+    parser = runs_parser(__doc__.splitlines()[0], ROOT / "bench_out" / "pretrain", ["vision", "timeseries"])
     args = parser.parse_args()
     quick = QUICK if args.quick else []
 
@@ -187,10 +201,7 @@ def main() -> None:
                 figures.setdefault(key + suffix, {})[setting] = value
     for domain, minutes in figures["pretrain_minutes"].items():
         print(f"pre-training {domain}: {minutes:.1f} min")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, figures)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,7 @@ from polyformer.transformer import TransformerConfig
 TINY_VIT = ViTConfig(img_size=8, patch_size=2, in_chans=1, num_classes=10, dim=32, depth=1, heads=2, mlp_ratio=2.0)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def trainer(steps: int) -> L.Trainer:

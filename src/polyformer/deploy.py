@@ -11,9 +11,11 @@
   A task's `exportable()` returns an `Exportable`: its inference module, names, dynamic axes (time where the model
   has one) and example inputs of any shape; `polyformer export` uses it.
 - ONNX through torch's dynamo-based exporter, weights inside the one .onnx file.
-- Int8: onnxruntime's dynamic quantization of the exported graph (int8 weights of every MatMul and Gemm, activations
-  quantized per batch at run time): on a CPU without a GPU, it removes the Python and eager dispatch overhead too,
-  which at small batches is most of the time. Latencies are reported against eager fp32 and against onnxruntime
+- Int8: onnxruntime's dynamic quantization of the exported graph's nn.Linear layers (int8 weights, activations
+  quantized per batch at run time; the file records which nodes they are), what PyTorch's dynamic quantization
+  covers too: not convolutions, and not fixed matrices such as the speech front end's mel filterbank, whose int8
+  copy ruins the features. The graph runtime also removes Python's and eager dispatch's overhead, which at small
+  batches is most of a step on a CPU. Latencies are reported against eager fp32 and against onnxruntime
   fp32 (quantization alone) by scripts/bench_deploy.py.
 - Errors: a forward with data-dependent Python control flow is an ExportError naming the module and the line; an
   input of the wrong rank, size or type given to an OnnxModel is a ValueError naming the expected shapes.
@@ -22,6 +24,7 @@
 from __future__ import annotations
 
 import io
+import json
 import linecache
 import os
 import traceback
@@ -43,6 +46,9 @@ if TYPE_CHECKING:
 
 
 TORCH_DIR = str(Path(torch.__file__).parent)  # frames of torch itself are not where a model's control flow is
+
+
+LINEAR_NODES = "polyformer.linear_nodes"  # model metadata: the graph nodes of nn.Linear layers (JSON list)
 
 
 class ExportError(ValueError):
@@ -165,9 +171,14 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: tuple[Tensor
     import onnx
 
     proto = name_dynamic_axes(onnx_program.model_proto, names, axes)
+    linear = [node.name for node in proto.graph.node if node.op_type in ("MatMul", "Gemm") and
+              any(prop.key == "namespace" and prop.value.split("/")[-2:-1] and  # ".../<module>: <class>/<op>: <aten>"
+                  prop.value.split("/")[-2].endswith("torch.nn.modules.linear.Linear") for prop in node.metadata_props)]
     for node in proto.graph.node:  # the exporter's per-node source metadata: for debugging, most of a small file
         node.doc_string = ""
         del node.metadata_props[:]
+    # the matrix products of nn.Linear layers, which int8 quantization acts on (see quantize_int8)
+    proto.metadata_props.add(key=LINEAR_NODES, value=json.dumps(linear))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")  # written whole, then renamed: never half a graph at `path`
@@ -211,9 +222,14 @@ def quantize_int8(source: nn.Module | str | Path, path: str | Path,
                              output_names=output_names, dynamic_axes=dynamic_axes)
     if not Path(source).is_file():
         raise FileNotFoundError(f"quantize_int8: expected an ONNX file, found none at {source}")
+    import onnx
+
+    recorded = {prop.key: prop.value for prop in onnx.load(str(source), load_external_data=False).metadata_props}
+    linear = json.loads(recorded.get(LINEAR_NODES, "[]"))  # empty (a file from elsewhere): every MatMul and Gemm
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                         nodes_to_quantize=linear or None)
     return OnnxModel(path)
 
 

@@ -24,12 +24,9 @@ TINY_VIT = ViTConfig(img_size=8, patch_size=2, in_chans=1, num_classes=10, dim=3
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread_seeded(one_torch_thread):
     torch.manual_seed(0)
     yield
-    torch.set_num_threads(threads)
 
 
 def tasks() -> dict:
