@@ -224,12 +224,17 @@ def quantize_int8(source: nn.Module | str | Path, path: str | Path,
         raise FileNotFoundError(f"quantize_int8: expected an ONNX file, found none at {source}")
     import onnx
 
-    recorded = {prop.key: prop.value for prop in onnx.load(str(source), load_external_data=False).metadata_props}
-    linear = json.loads(recorded.get(LINEAR_NODES, "[]"))  # empty (a file from elsewhere): every MatMul and Gemm
+    graph = onnx.load(str(source), load_external_data=False)
+    recorded = {prop.key: prop.value for prop in graph.metadata_props}
+    # the other matrix products stay fp32 (named, since onnxruntime renames the Gemms it converts); a file from
+    # elsewhere records nothing: every MatMul and Gemm is quantized
+    keep = [] if LINEAR_NODES not in recorded else [
+        node.name for node in graph.graph.node
+        if node.op_type in ("MatMul", "Gemm") and node.name not in set(json.loads(recorded[LINEAR_NODES]))]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
-                         nodes_to_quantize=linear or None)
+                         nodes_to_exclude=keep)
     return OnnxModel(path)
 
 

@@ -141,3 +141,24 @@ def test_core_encoder_exports_with_dynamic_batch_and_token_axes(tmp_path):
     assert onnx_model.inputs[0].shape[:2] == ["batch", "tokens"]
     inputs = [(torch.randn(batch, tokens, 16),) for batch, tokens in ((1, 3), (4, 7), (2, 33))]
     assert max_abs_diff(encoder, onnx_model, inputs) <= 1e-4
+
+
+class FixedMatrixThenLinear(nn.Module):
+    """A fixed matrix (a buffer, like the speech front end's mel filterbank) before a learned nn.Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("filterbank", torch.rand(64, 16))
+        self.linear = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.linear(torch.log(x @ self.filterbank + 1e-6))
+
+
+def test_int8_quantizes_the_linear_layers_and_leaves_fixed_matrices_in_fp32(tmp_path):
+    import onnx
+
+    int8 = quantize_int8(FixedMatrixThenLinear().eval(), tmp_path / "m.int8.onnx", example_inputs=(torch.rand(4, 64),))
+    ops = [node.op_type for node in onnx.load(str(int8.path)).graph.node]
+    assert ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul") == 1  # the nn.Linear alone
+    assert "MatMul" in ops  # the filterbank product, in fp32
