@@ -60,13 +60,15 @@ MODELS = {  # domain → (config it was trained with, committed weights)
 STUDENTS = {  # domain → (config, checkpoint tested, test metric)
     "vision": ("vision/vit_mini_digits_distill.yaml", "last", "test/acc1"),
     "timeseries": ("timeseries/patchtst_small_etth1_96_distill.yaml", "best", "test/mse"),
+    "speech": ("speech/conformer_ctc_narrow_demo_distill.yaml", "last", "test/test/cer"),
 }
 # the recipes `select` compares on validation data (seed 0): (temperature, weight); forecasts have no temperature
 GRID = {"vision": [(t, w) for t in (1.0, 4.0) for w in (0.5, 0.9)] + [(2.0, 0.9)],
-        "timeseries": [(2.0, w) for w in (0.25, 0.75, 0.9)]}
+        "timeseries": [(2.0, w) for w in (0.25, 0.75, 0.9)], "speech": [(1.0, 0.5), (2.0, 0.9)]}
 # what a selection reads: the metric, its value over a run's epochs (that of the checkpoint tested: the last
 # epoch's, or the best), and which of two values is better
-VALIDATION = {"vision": ("val/acc1", lambda values: values[-1], max), "timeseries": ("val/mse", min, min)}
+VALIDATION = {"vision": ("val/acc1", lambda values: values[-1], max), "timeseries": ("val/mse", min, min),
+              "speech": ("val/cer", lambda values: values[-1], min)}
 
 
 def read_config(domain: str) -> dict:

@@ -93,3 +93,26 @@ def test_a_forecasting_teacher_of_another_horizon_is_an_error_naming_both(tmp_pa
     student = patchtst(8, DistillConfig(teacher=str(tmp_path / "t.ckpt")))
     with pytest.raises(ValueError, match=r"\(batch, horizon, channels\) are \(2, 16, 3\).*student's \(2, 8, 3\)"):
         student.step((torch.randn(2, 32, 3), torch.randn(2, 8, 3)), "train")
+
+
+def test_speech_frame_level_distillation_from_an_identical_teacher_is_zero(tmp_path):
+    from polyformer.domains.speech import SpeechRecognitionTask
+    from polyformer.domains.speech.conformer import ConformerConfig
+    from polyformer.domains.speech.model import SpeechModelConfig
+
+    config = SpeechModelConfig(subsampling_channels=8, specaugment=None,
+                               conformer=ConformerConfig(dim=32, depth=1, heads=2, kernel_size=5, dropout=0.0,
+                                                         attn_dropout=0.0))
+    teacher = SpeechRecognitionTask(model=config)
+    torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": to_plain(dict(teacher.hparams))},
+               tmp_path / "teacher.ckpt")
+    student = SpeechRecognitionTask(model=config, distill=DistillConfig(teacher=str(tmp_path / "teacher.ckpt"),
+                                                                        weight=1.0))
+    student.load_state_dict(teacher.state_dict())
+    student.eval()
+    batch = {"waveforms": torch.randn(2, 16000) * 0.1, "lengths": torch.tensor([16000, 9000]),
+             "transcripts": ["A CAT", "DOG"]}
+    with torch.no_grad():
+        assert student.step(batch, "train").abs() < 1e-5  # all of the loss is the (zero) distillation term
+        student.model.head.weight.add_(0.5 * torch.randn_like(student.model.head.weight))
+        assert student.step(batch, "train") > 1e-3  # a student that differs is pulled towards the teacher

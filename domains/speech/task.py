@@ -19,9 +19,11 @@ from torch import Tensor, nn
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
 from polyformer.domains.speech.decoding import BeamSearchDecoder, greedy_decode
+from polyformer.domains.speech.frontend import padding_mask
 from polyformer.domains.speech.model import SpeechModelConfig, SpeechRecognizer
 from polyformer.domains.speech.tokens import BLANK, TokenizerConfig, make_tokenizer
 from polyformer.deploy import Exportable
+from polyformer.distillation import DistillConfig, TeacherHolder, soft_target_loss
 from polyformer.finetune import FinetuneConfig
 from polyformer.training import OptimizerConfig, PolyformerTask
 
@@ -44,8 +46,13 @@ class SpeechRecognitionTask(PolyformerTask):
         optimizer: OptimizerConfig | None = None,
         init_from: str | None = None,
         finetune: FinetuneConfig | None = None,
+        distill: DistillConfig | None = None,
     ):
+        """distill: a teacher recognizer with the same tokens and subsampling, whose frame-level CTC posteriors
+        (on the clean audio; the student's may be SpecAugmented) are soft targets over the real frames."""
         super().__init__(optimizer, init_from=init_from, finetune=finetune)
+        self.distill = distill
+        self.teacher = TeacherHolder(distill) if distill is not None else None
         self.model_config = model or SpeechModelConfig()
         self.tokenizer = make_tokenizer(tokenizer or TokenizerConfig())
         self.model = SpeechRecognizer(self.model_config, self.tokenizer.num_classes)
@@ -98,6 +105,12 @@ class SpeechRecognitionTask(PolyformerTask):
         infeasible = (ctc_frames_needed(targets, target_lengths) > frames.cpu()).sum()
         loss = F.ctc_loss(log_probs.transpose(0, 1).float(), targets.to(self.device), frames,
                           target_lengths.to(self.device), blank=BLANK, reduction="mean", zero_infinity=True)
+        if stage == "train" and self.teacher is not None:
+            teacher_log_probs, _ = self.teacher(self, batch["waveforms"], batch["lengths"])
+            self.teacher.check(teacher_log_probs, log_probs, "(batch, frames, classes)")
+            real = ~padding_mask(frames, log_probs.shape[1])
+            soft = soft_target_loss(log_probs, teacher_log_probs, self.distill.temperature, real)
+            loss = self.distill.mix(loss, soft)
         size = len(encoded)
         on_epoch = stage != "train"
         self.log(f"{stage}/ctc_infeasible", infeasible.float(), reduce_fx="sum", on_step=False, on_epoch=True,
