@@ -17,7 +17,8 @@
   copy ruins the features. The graph runtime also removes Python's and eager dispatch's overhead, which at small
   batches is most of a step on a CPU. Latencies are reported against eager fp32 and against onnxruntime
   fp32 (quantization alone) by scripts/bench_deploy.py.
-- Errors: a forward with data-dependent Python control flow is an ExportError naming the module and the line; an
+- Errors: a forward with data-dependent Python control flow is an ExportError naming the submodule (and the line,
+  when torch's traceback keeps the model's frame); an
   input of the wrong rank, size or type given to an OnnxModel is a ValueError naming the expected shapes.
 """
 
@@ -46,8 +47,6 @@ if TYPE_CHECKING:
 
 
 TORCH_DIR = str(Path(torch.__file__).parent)  # frames of torch itself are not where a model's control flow is
-
-
 LINEAR_NODES = "polyformer.linear_nodes"  # model metadata: the graph nodes of nn.Linear layers (JSON list)
 
 
