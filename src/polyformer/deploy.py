@@ -18,8 +18,8 @@
   batches is most of a step on a CPU. Latencies are reported against eager fp32 and against onnxruntime
   fp32 (quantization alone) by scripts/bench_deploy.py.
 - Errors: a forward with data-dependent Python control flow is an ExportError naming the submodule (and the line,
-  when torch's traceback keeps the model's frame); an
-  input of the wrong rank, size or type given to an OnnxModel is a ValueError naming the expected shapes.
+  when torch's traceback keeps the model's frame); an input of the wrong rank, size or type given to an OnnxModel
+  is a ValueError naming the expected shapes.
 """
 
 from __future__ import annotations
