@@ -30,7 +30,6 @@ distillation_selection: the candidates' validation figures. --quick: a few batch
 from __future__ import annotations
 
 import csv
-import importlib
 import os
 import statistics
 import sys
@@ -45,9 +44,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pretrain import QUICK, fit_and_test, polyformer, run, runs_parser, summarise, write_json  # noqa: E402  shared helpers
 
-from polyformer.deploy import OnnxModel, export_onnx, file_megabytes, max_abs_diff, quantize_int8  # noqa: E402
+from polyformer.deploy import (OnnxModel, export_onnx, file_megabytes, max_abs_diff,  # noqa: E402
+                               quantize_int8, task_from)
 from polyformer.cli import newest_version  # noqa: E402
-from polyformer.training import PolyformerTask  # noqa: E402
+from polyformer.training import PolyformerTask, import_class  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS, WEIGHTS = ROOT / "configs", ROOT / "weights"
@@ -79,15 +79,13 @@ def load_task(domain: str) -> PolyformerTask:
     weights = WEIGHTS / MODELS[domain][1]
     if not weights.is_file():
         raise SystemExit(f"{weights}: missing; weights/README.md gives the command that writes it")
-    module, _, name = read_config(domain)["model"]["class_path"].rpartition(".")
-    return getattr(importlib.import_module(module), name).load_from_checkpoint(weights).eval()
+    return task_from([str(CONFIGS / MODELS[domain][0])], str(weights))
 
 
 def datamodule(domain: str):
     """The test data of the domain's config, as its data module (set up for testing)."""
     data = read_config(domain)["data"]
-    module, _, name = data["class_path"].rpartition(".")
-    dm = getattr(importlib.import_module(module), name)(**data.get("init_args", {}))
+    dm = import_class(data["class_path"])(**data.get("init_args", {}))
     dm.prepare_data()
     dm.setup("test")
     return dm

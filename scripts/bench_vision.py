@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import resource
 import shlex
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 import yaml
 
 from polyformer.cli import newest_version
+from polyformer.training import import_class
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = ROOT / "configs" / "vision" / "vit_tiny_digits.yaml"
@@ -107,8 +107,7 @@ def test_accuracy(run: Path) -> float:
     from polyformer.domains.vision import ImageClassificationTask
 
     data_config = yaml.safe_load((run / "config.yaml").read_text())["data"]
-    module, _, name = data_config["class_path"].rpartition(".")
-    datamodule = getattr(importlib.import_module(module), name)(**data_config.get("init_args", {}))
+    datamodule = import_class(data_config["class_path"])(**data_config.get("init_args", {}))
     task = ImageClassificationTask.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     return float(trainer.test(task, datamodule=datamodule, verbose=False)[0]["test/acc1"])

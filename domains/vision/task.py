@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from polyformer.domains.vision.model import ViTConfig, VisionTransformer
+from polyformer.domains.vision.model import ViTConfig, VisionTransformer, pair
 from polyformer.domains.vision.timm_compat import timm_weights
 from polyformer.deploy import Exportable
 from polyformer.distillation import DistillConfig, TeacherHolder, soft_target_loss
@@ -100,7 +100,7 @@ class ImageClassificationTask(PolyformerTask):
 
     def exportable(self) -> Exportable:
         c = self.vit_config
-        height, width = (c.img_size, c.img_size) if isinstance(c.img_size, int) else c.img_size
+        height, width = pair(c.img_size)
         return Exportable(self.model, ["images"], ["logits"],
                           lambda batch, _: (torch.randn(batch, c.in_chans, height, width),), lengths=(0, 0, 0),
                           description=f"images (batch, {c.in_chans}, {height}, {width}) → logits (batch, "

@@ -257,22 +257,25 @@ class OnnxModel:
         return ", ".join(f"{node.name} ({', '.join(str(dim) for dim in node.shape)}) {node.type}"
                          for node in self.inputs)
 
+    def found(self, inputs: Sequence[Tensor]) -> str:
+        """'name (2, 3, 8, 8) torch.float32, ...': what a call gave (for errors alone: calls are timed)."""
+        return ", ".join(f"{node.name} {tuple(tensor.shape)} {tensor.dtype}" for node, tensor in zip(self.inputs, inputs))
+
     def __call__(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
         if len(inputs) != len(self.inputs):
             raise ValueError(f"{self.path}: expected {len(self.inputs)} inputs: {self.expected()}; found "
                              f"{len(inputs)}")
-        found = ", ".join(f"{node.name} {tuple(tensor.shape)} {tensor.dtype}" for node, tensor in zip(self.inputs, inputs))
         for node, tensor in zip(self.inputs, inputs):
             if tensor.ndim != len(node.shape):
                 raise ValueError(f"{self.path}: input {node.name} must have rank {len(node.shape)}; expected "
-                                 f"{self.expected()}; found {found}")
+                                 f"{self.expected()}; found {self.found(inputs)}")
         feed = {node.name: tensor.detach().cpu().numpy() for node, tensor in zip(self.inputs, inputs)}
         try:
             outputs = self.session.run(None, feed)
         except Exception as error:  # onnxruntime's own exception types: re-raised naming what the graph expects
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ValueError(f"{self.path}: onnxruntime refused the inputs; expected {self.expected()}; found "
-                             f"{found} ({reason})") from None
+                             f"{self.found(inputs)} ({reason})") from None
         tensors = tuple(torch.from_numpy(np.asarray(output)) for output in outputs)
         return tensors[0] if len(tensors) == 1 else tensors
 
@@ -305,12 +308,10 @@ def file_megabytes(path: str | Path) -> float:
 def task_from(configs: Sequence[str], ckpt_path: str):
     """The task stored in a checkpoint, its class from the last config's model.class_path (else the one
     LightningCLI recorded in the checkpoint)."""
-    import importlib
-
     import yaml
 
     from polyformer.distillation import task_class
-    from polyformer.training import PolyformerTask, load_checkpoint
+    from polyformer.training import PolyformerTask, import_class, load_checkpoint
 
     class_path = None
     for config in configs:
@@ -318,8 +319,7 @@ def task_from(configs: Sequence[str], ckpt_path: str):
             model = (yaml.safe_load(file) or {}).get("model") or {}
         class_path = model.get("class_path", class_path) if isinstance(model, dict) else class_path
     if class_path:
-        module, _, name = class_path.rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
+        cls = import_class(class_path)
     else:
         cls = task_class(load_checkpoint(ckpt_path), PolyformerTask)
     if cls is PolyformerTask:

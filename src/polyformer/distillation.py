@@ -16,7 +16,6 @@ checks that and names both.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -63,8 +62,9 @@ def task_class(checkpoint: dict, default: type) -> type:
     class_path = str((checkpoint.get("hyper_parameters") or {}).get("_class_path") or "")
     if not class_path:
         return default
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    from polyformer.training import import_class  # training imports this module
+
+    return import_class(class_path)
 
 
 def load_teacher(source: str, student: PolyformerTask) -> nn.Module:

@@ -7,6 +7,7 @@ model in `__init__`; everything else is here.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import math
 import pickle
@@ -123,6 +124,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError) as error:
         raise CheckpointError(f"checkpoint {path} is neither a torch.save zip archive nor a readable legacy one "
                               f"({Path(path).stat().st_size:,} bytes; {torch_reason(error)})") from None
+
+
+def import_class(class_path: str) -> type:
+    """The class a LightningCLI config or checkpoint names by its path ("package.module.Class")."""
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def _from_plain(annotation: Any, value: Any) -> Any:
