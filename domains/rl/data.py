@@ -239,6 +239,18 @@ class SegmentDataset(Dataset):
         }
 
 
+def best_episodes(episodes: list[Episode], fraction: float) -> list[Episode]:
+    """The highest-return episodes, best first, until they hold `fraction` of all steps (at least one episode)."""
+    ranked = sorted(episodes, key=lambda e: float(e.rewards.sum()), reverse=True)
+    wanted, kept, steps = fraction * sum(len(e) for e in episodes), [], 0
+    for episode in ranked:
+        if kept and steps >= wanted:
+            break
+        kept.append(episode)
+        steps += len(episode)
+    return kept
+
+
 @dataclass
 class DataStats:
     """What a model stores about its training data."""
@@ -263,10 +275,13 @@ class OfflineRLDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,  # which episodes are held out
         download: bool = False,  # let Minari download a dataset that is not under root
+        top_fraction: float = 1.0,  # the DT paper's %BC: train on the best episodes holding this share of the steps
     ):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), found {val_fraction}")
+        if not 0.0 < top_fraction <= 1.0:
+            raise ValueError(f"top_fraction must be in (0, 1], found {top_fraction}")
         if reward_scale <= 0:
             raise ValueError(f"reward_scale must be positive, found {reward_scale}")
         if segment < 1:
@@ -274,6 +289,7 @@ class OfflineRLDataModule(L.LightningDataModule):
         self.dataset, self.env_id, self.root, self.download = dataset, env_id, root, download
         self.segment, self.reward_scale, self.batch_size = segment, reward_scale, batch_size
         self.val_fraction, self.num_workers, self.seed = val_fraction, num_workers, seed
+        self.top_fraction = top_fraction
         self.data: OfflineData | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -287,6 +303,8 @@ class OfflineRLDataModule(L.LightningDataModule):
         if not self.train_episodes:
             raise ValueError(f"dataset {self.dataset}: val_fraction={self.val_fraction} holds out all "
                              f"{len(order)} episodes; none is left to train on")
+        if self.top_fraction < 1.0:
+            self.train_episodes = best_episodes(self.train_episodes, self.top_fraction)
         states = np.concatenate([e.states for e in self.train_episodes])
         self.stats = DataStats(state_mean=torch.from_numpy(states.mean(0)),
                                state_std=torch.from_numpy(states.std(0) + 1e-6), return_scale=self.reward_scale)

@@ -13,7 +13,8 @@ import torch
 
 from polyformer.data import shared_data_dir
 from polyformer.domains.rl.cartpole import collect_cartpole, controller
-from polyformer.domains.rl.data import Episode, SegmentDataset, load_offline_data, minari_root
+from polyformer.domains.rl.data import (Episode, OfflineRLDataModule, SegmentDataset, best_episodes,
+                                        load_offline_data, minari_root)
 from polyformer.domains.rl.evaluate import d4rl_normalized
 
 MINARI_ROOT = Path(os.environ.get("POLYFORMER_MINARI_PATH", shared_data_dir() / "rl" / "minari"))
@@ -36,6 +37,19 @@ def test_rl_segments_returns_to_go_and_padding():
     assert tail["padding_mask"].tolist() == [False, True, True]
     assert tail["states"][0].tolist() == [6, 7] and tail["states"][1:].abs().sum() == 0
     assert data[5]["returns_to_go"][0] == 6 and data[5]["timesteps"].tolist() == [1, 1, 1]
+
+
+def test_rl_best_episodes_keep_the_top_share_of_steps():
+    def episode(steps: int, reward: float) -> Episode:
+        return Episode(np.zeros((steps, 2), np.float32), np.zeros(steps, np.int64), np.full(steps, reward))
+
+    low, high, mid = episode(10, 0.0), episode(10, 1.0), episode(20, 0.5)
+    assert best_episodes([low, high, mid], 0.25) == [high]  # 10 of 40 steps
+    assert best_episodes([low, high, mid], 0.5) == [high, mid]  # 10 < 20 steps, so the next episode joins
+    assert best_episodes([low, high, mid], 0.01) == [high]  # never empty
+    assert best_episodes([low, high, mid], 1.0) == [high, mid, low]
+    with pytest.raises(ValueError, match="top_fraction must be in"):
+        OfflineRLDataModule(top_fraction=0.0)
 
 
 def test_rl_cartpole_mix_is_below_the_maximum():
