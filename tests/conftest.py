@@ -12,3 +12,29 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def serve_folder():
+    """serve_folder(folder) → the base URL of an HTTP server on 127.0.0.1 serving that folder (stopped afterwards):
+    download paths are tested against it, never against the internet."""
+    import functools
+    import http.server
+    import threading
+
+    servers = []
+
+    def start(folder) -> str:
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()

@@ -4,8 +4,9 @@ Every training sample is a segment of `segment` steps starting at a uniformly dr
 which is the DT paper's sampling (an episode ∝ its length, then a uniform start). A segment that runs past its
 episode's end is padded on the right and flagged in `padding_mask` (True at padding).
 
-Datasets are read with `minari.load_dataset` from a MINARI_DATASETS_PATH-style root (nothing is downloaded unless
-`download=True`). The root defaults to $POLYFORMER_MINARI_PATH, else <shared data>/rl/minari; the built-in
+Datasets are read with `minari.load_dataset` from a MINARI_DATASETS_PATH-style root. Nothing is downloaded unless
+`download=True`: then a dataset missing from the root comes from Minari's remote (its `MINARI_REMOTE`), or, when
+`url` is given, from an archive of the dataset's folder there (checked against `checksum`, unpacked under the root). The root defaults to $POLYFORMER_MINARI_PATH, else <shared data>/rl/minari; the built-in
 CartPole dataset (cartpole.py) is generated on first use under <project>/data/minari.
 """
 
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from polyformer.data import PROJECT_ROOT, make_loader, shared_data_dir
+from polyformer.data import PROJECT_ROOT, fetch_and_extract, make_loader, shared_data_dir
 
 
 def default_minari_root() -> Path:
@@ -165,8 +166,18 @@ def episodes_from_minari(name: str, raw_episodes, state_dim: int, action_dim: in
     return episodes
 
 
+def download_archive(dataset: str, root: Path, url: str, checksum: str | None) -> None:
+    """Fetches an archive holding <dataset>/data/... (a Minari root's folder of the dataset) and unpacks it in root."""
+    if checksum is None:
+        raise ValueError(f"dataset {dataset}: url {url} given without a checksum ('<kind>:<hex>'); an archive is "
+                         f"only unpacked once its checksum matches")
+    fetch_and_extract(url, checksum, root)
+    if not (root / dataset / "data").is_dir():
+        raise ValueError(f"{url}: unpacked under {root}, but it holds no {dataset}/data/ folder")
+
+
 def load_offline_data(dataset: str, env_id: str | None = None, *, root: str | Path | None = None,
-                      download: bool = False) -> OfflineData:
+                      download: bool = False, url: str | None = None, checksum: str | None = None) -> OfflineData:
     """Loads and checks a Minari dataset; env_id defaults to the environment the dataset records."""
     import minari
 
@@ -177,10 +188,13 @@ def load_offline_data(dataset: str, env_id: str | None = None, *, root: str | Pa
         ensure_cartpole_dataset(root)
     root = Path(root) if root is not None else default_minari_root()
     folder = root / dataset / "data"
+    if download and url is not None and not folder.is_dir():
+        download_archive(dataset, root, url, checksum)
     if not download and not folder.is_dir():
         # checked before Minari looks: its lookup creates the root folder (and its parents) even when it finds nothing
         raise FileNotFoundError(f"dataset {dataset} is not under the Minari root {root} (set "
-                                f"POLYFORMER_MINARI_PATH or the data module's root): no folder {folder}")
+                                f"POLYFORMER_MINARI_PATH or the data module's root, or download: true to fetch it "
+                                f"from Minari's remote or from url): no folder {folder}")
     with minari_root(root):
         try:
             data = minari.load_dataset(dataset, download=download)
@@ -274,7 +288,9 @@ class OfflineRLDataModule(L.LightningDataModule):
         val_fraction: float = 0.0,  # whole episodes held out for a validation loss
         num_workers: int = 0,
         seed: int = 0,  # which episodes are held out
-        download: bool = False,  # let Minari download a dataset that is not under root
+        download: bool = False,  # fetch a dataset that is not under root: from url if given, else Minari's remote
+        url: str | None = None,  # an archive (tar.gz, zip) holding <dataset>/data/..., e.g. a mirror
+        checksum: str | None = None,  # the archive's "<kind>:<hex>" (polyformer.data.fetch)
         top_fraction: float = 1.0,  # the DT paper's %BC: train on the best episodes holding this share of the steps
     ):
         super().__init__()
@@ -287,6 +303,7 @@ class OfflineRLDataModule(L.LightningDataModule):
         if segment < 1:
             raise ValueError(f"segment must be at least 1 step, found {segment}")
         self.dataset, self.env_id, self.root, self.download = dataset, env_id, root, download
+        self.url, self.checksum = url, checksum
         self.segment, self.reward_scale, self.batch_size = segment, reward_scale, batch_size
         self.val_fraction, self.num_workers, self.seed = val_fraction, num_workers, seed
         self.top_fraction = top_fraction
@@ -295,7 +312,8 @@ class OfflineRLDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.data is not None:
             return
-        self.data = load_offline_data(self.dataset, self.env_id, root=self.root, download=self.download)
+        self.data = load_offline_data(self.dataset, self.env_id, root=self.root, download=self.download,
+                                      url=self.url, checksum=self.checksum)
         order = np.random.default_rng(self.seed).permutation(len(self.data.episodes))
         n_val = int(round(self.val_fraction * len(order)))
         self.val_episodes = [self.data.episodes[i] for i in sorted(order[:n_val])]

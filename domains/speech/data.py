@@ -1,8 +1,8 @@
 """LibriSpeech-layout corpora: index, decode (soundfile), bucket by duration, batch by total seconds.
 
 Layout: <root>/LibriSpeech/<split>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac and
-<speaker>-<chapter>.trans.txt ("<utt-id> TRANSCRIPT" per line). Real LibriSpeech (download: true fetches it through
-torchaudio.datasets.LIBRISPEECH) and the synthetic corpus of scripts/make_synthetic_librispeech.py read the same way.
+<speaker>-<chapter>.trans.txt ("<utt-id> TRANSCRIPT" per line). Real LibriSpeech (download: true fetches a missing
+split's archive from openslr.org or a mirror, checked against its sha256) and the synthetic corpus of scripts/make_synthetic_librispeech.py read the same way.
 
 Bad input: a transcript line without audio, a FLAC file without a transcript line, a line that is not
 "<utterance-id> TRANSCRIPT" or repeats an id, a transcript with characters other than LibriSpeech's (A-Z, apostrophe,
@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from polyformer.data import global_seed, shared_data_dir
+from polyformer.data import fetch_and_extract, global_seed, shared_data_dir
 from polyformer.domains.speech.tokens import CharTokenizer
 
 log = logging.getLogger(__name__)
@@ -71,11 +71,38 @@ def check_audio(path: Path, sample_rate: int) -> float:
     return info.frames / info.samplerate
 
 
+OPENSLR_LIBRISPEECH = "https://www.openslr.org/resources/12"
+LIBRISPEECH_SHA256 = {  # openslr's archives <split>.tar.gz (the checksums torchaudio's LIBRISPEECH checks too)
+    "dev-clean": "76f87d090650617fca0cac8f88b9416e0ebf80350acb97b343a85fa903728ab3",
+    "dev-other": "12661c48e8c3fe1de2c1caa4c3e135193bfb1811584f11f569dd12645aa84365",
+    "test-clean": "39fde525e59672dc6d1551919b1478f724438a95aa55f874b576be21967e6c23",
+    "test-other": "d09c181bba5cf717b3dee7d4d592af11a3ee3a09e08ae025c5506f6ebe961c29",
+    "train-clean-100": "d4ddd1d5a6ab303066f14971d768ee43278a5f2a0aa43dc716b0e64ecbbbf6e2",
+    "train-clean-360": "146a56496217e96c14334a160df97fffedd6e0a04e66b9c5af0d40be3c792ecf",
+    "train-other-500": "ddb22f27f96ec163645d53215559df6aa36515f26e01dd70798188350adcb6d2",
+}
+
+
+def download_split(root: Path, split: str, mirror: str = OPENSLR_LIBRISPEECH, checksum: str | None = None) -> None:
+    """Fetches `<mirror>/<split>.tar.gz` (checked against `checksum`, default openslr's sha256) and unpacks it under
+    root, where it must leave LibriSpeech/<split>/."""
+    if checksum is None and split not in LIBRISPEECH_SHA256:
+        raise ValueError(f"split {split!r}: no checksum known (LibriSpeech's splits are {sorted(LIBRISPEECH_SHA256)});"
+                         f" give data.checksums: {{{split}: '<kind>:<hex>'}} for a mirror's archive")
+    checksum = checksum or f"sha256:{LIBRISPEECH_SHA256[split]}"
+    fetch_and_extract(f"{mirror.rstrip('/')}/{split}.tar.gz", checksum, root)
+    if not (root / "LibriSpeech" / split).is_dir():
+        raise ValueError(f"{mirror}/{split}.tar.gz: unpacked under {root}, but it holds no LibriSpeech/{split}/ folder")
+
+
 def read_split(root: Path, split: str, *, sample_rate: int = 16_000, skip_bad: bool = False) -> list[Utterance]:
     """Every transcribed utterance of one split, checked against its audio header."""
     folder = root / "LibriSpeech" / split
     if not folder.is_dir():
-        raise FileNotFoundError(f"split {split!r}: expected the folder {folder} (LibriSpeech layout), found none")
+        fetchable = (f"; set data.download: true to fetch it ({OPENSLR_LIBRISPEECH}/{split}.tar.gz)"
+                     if split in LIBRISPEECH_SHA256 else "")
+        raise FileNotFoundError(f"split {split!r}: expected the folder {folder} (LibriSpeech layout), found none"
+                                f"{fetchable}")
     utterances, skipped = [], 0
     named: dict[Path, str] = {}  # audio path → the transcript line that names it
 
@@ -231,7 +258,9 @@ class LibriSpeechDataModule(L.LightningDataModule):
         num_workers: int = 2,
         sample_rate: int = 16_000,
         skip_bad: bool = False,  # log and count bad utterances instead of raising
-        download: bool = False,  # fetch LibriSpeech splits through torchaudio (GBs): only when asked
+        download: bool = False,  # fetch missing LibriSpeech splits (GBs): only when asked
+        mirror: str = OPENSLR_LIBRISPEECH,  # where <split>.tar.gz archives are fetched from
+        checksums: dict[str, str] | None = None,  # split → "<kind>:<hex>", for archives other than openslr's
         stats_utterances: int = 500,  # training utterances the normalisation statistics are estimated from
         seed: int | None = None,  # batch order seed; default: the run's seed_everything
     ):
@@ -251,18 +280,16 @@ class LibriSpeechDataModule(L.LightningDataModule):
         self.eval_batch_seconds = eval_batch_seconds or 2 * batch_seconds
         self.num_buckets, self.num_workers, self.sample_rate = num_buckets, num_workers, sample_rate
         self.skip_bad, self.download, self.stats_utterances, self.seed = skip_bad, download, stats_utterances, seed
+        self.mirror, self.checksums = mirror, checksums or {}
         self.splits: dict[str, list[Utterance]] = {}
         self.train_set: list[Utterance] | None = None
 
     def prepare_data(self) -> None:
         if not self.download:
             return
-        from torchaudio.datasets import LIBRISPEECH
-
-        self.root.mkdir(parents=True, exist_ok=True)
-        for split in {*self.train_splits, *self.val_splits, *self.test_splits}:
+        for split in sorted({*self.train_splits, *self.val_splits, *self.test_splits}):
             if not (self.root / "LibriSpeech" / split).is_dir():
-                LIBRISPEECH(str(self.root), url=split, download=True)
+                download_split(self.root, split, self.mirror, self.checksums.get(split))
 
     def utterances(self, split: str) -> list[Utterance]:
         if split not in self.splits:

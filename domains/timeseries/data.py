@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from polyformer.data import make_loader
+from polyformer.data import fetch, make_loader
 
 Features = Literal["M", "S"]  # M: every channel in, every channel out; S: the target channel only
 SplitKind = Literal["auto", "etth", "ettm", "ratio"]
@@ -252,17 +252,46 @@ class ForecastDataModule(L.LightningDataModule):
                            num_workers=self.num_workers, drop_last=False)
 
 
-class CSVForecastDataModule(ForecastDataModule):
-    """An ETT-format CSV file: a date column plus numeric channels (`path` relative paths resolve from the cwd)."""
+# The four ETT files at a fixed commit of the ETDataset repository (Zhou et al.), checked by their git blob ids.
+ETT_COMMIT_URL = ("https://raw.githubusercontent.com/zhouhaoyi/ETDataset/"
+                  "1d16c8f4f943005d613b5bc962e9eeb06058cf07/ETT-small")
+ETT_CHECKSUMS = {
+    "ETTh1.csv": "git-blob-sha1:a52c4925778c07c1ef1a2cf6fd01594919717d9e",
+    "ETTh2.csv": "git-blob-sha1:6e3760778598fdee5208213d3fce122637307eec",
+    "ETTm1.csv": "git-blob-sha1:62c9f979e2dc5b05d9cc5b38891e60e6baf77417",
+    "ETTm2.csv": "git-blob-sha1:f9d46027c987d442d2d8f81308d1d8c4d1d35db8",
+}
 
-    def __init__(self, path: str, *, date_column: str = "date", **kwargs):
+
+class CSVForecastDataModule(ForecastDataModule):
+    """An ETT-format CSV file: a date column plus numeric channels (`path` relative paths resolve from the cwd).
+
+    With `download: true` a missing ETTh1/ETTh2/ETTm1/ETTm2.csv (named by `path`'s file name) is fetched from the
+    ETDataset repository (or `url`, a mirror) and checked against its known checksum (or `checksum`)."""
+
+    def __init__(self, path: str, *, date_column: str = "date", download: bool = False, url: str | None = None,
+                 checksum: str | None = None, **kwargs):
         super().__init__(**kwargs)
         self.path, self.date_column = path, date_column
+        self.download, self.url, self.checksum = download, url, checksum
+
+    def prepare_data(self) -> None:
+        path = Path(self.path)
+        if not self.download or path.is_file():
+            return
+        checksum = self.checksum or ETT_CHECKSUMS.get(path.name)
+        if checksum is None:
+            raise ValueError(f"data.path {path}: download knows the ETT files {sorted(ETT_CHECKSUMS)}; for another "
+                             f"file give data.url and data.checksum ('sha256:<hex>')")
+        fetch(self.url or f"{ETT_COMMIT_URL}/{path.name}", path, checksum)
 
     def load_frame(self) -> tuple[pd.DataFrame, str | None, str]:
         path = Path(self.path)
         if not path.is_file():
-            raise FileNotFoundError(f"data.path: expected an ETT-format CSV file, found nothing at {path.resolve()}")
+            source = (f"set data.download: true to fetch it from the ETDataset repository ({ETT_COMMIT_URL}/"
+                      f"{path.name})" if path.name in ETT_CHECKSUMS else "point data.path at an ETT-format CSV")
+            raise FileNotFoundError(f"data.path: expected an ETT-format CSV file, found nothing at {path.resolve()}; "
+                                    f"{source}")
         return read_table(path), self.date_column, str(path)
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from polyformer.data import make_loader, shared_data_dir
+from polyformer.data import fetch_and_extract, make_loader, shared_data_dir
 
 log = logging.getLogger(__name__)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -175,13 +175,14 @@ class DigitsDataModule(ImageClassificationDataModule):
 
 
 class CIFARDataModule(ImageClassificationDataModule):
-    """CIFAR-10 or CIFAR-100 through torchvision; downloads only with `download: true`. The validation split is
+    """CIFAR-10 or CIFAR-100 through torchvision; downloads only with `download: true` (torchvision's archive, or the
+    same archive from `url`, a mirror; checked against torchvision's md5 either way). The validation split is
     `val_size` images held out of the official training set (fixed seed); test is the official test set."""
 
     in_chans = 3
 
     def __init__(self, *, name: Literal["cifar10", "cifar100"] = "cifar10", root: str | None = None,
-                 download: bool = False, img_size: int = 32, val_size: int = 5000, split_seed: int = 0,
+                 download: bool = False, url: str | None = None, img_size: int = 32, val_size: int = 5000, split_seed: int = 0,
                  augment: AugmentConfig | None = None, batch_size: int = 128, eval_batch_size: int | None = None,
                  num_workers: int = 4, mixup: MixupConfig | None = None):
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, mixup=mixup)
@@ -190,20 +191,26 @@ class CIFARDataModule(ImageClassificationDataModule):
         self.name, self.download, self.img_size, self.val_size, self.split_seed = name, download, img_size, \
             val_size, split_seed
         self.root = Path(root) if root is not None else shared_data_dir() / "cifar"
-        self.augment = augment
+        self.augment, self.url = augment, url
         self.num_classes = 10 if name == "cifar10" else 100
 
     def prepare_data(self) -> None:
-        if self.download:
-            for train in (True, False):
-                self._dataset(train, None, download=True)
+        if not self.download or (self.root / self.torchvision_class().base_folder).is_dir():
+            return
+        cls = self.torchvision_class()
+        fetch_and_extract(self.url or cls.url, f"md5:{cls.tgz_md5}", self.root)
+        for train in (True, False):
+            self._dataset(train, None)  # torchvision checks every unpacked file's md5
 
-    def _dataset(self, train: bool, transform, download: bool = False):
+    def torchvision_class(self):
         from torchvision.datasets import CIFAR10, CIFAR100
 
-        cls = CIFAR10 if self.name == "cifar10" else CIFAR100
+        return CIFAR10 if self.name == "cifar10" else CIFAR100
+
+    def _dataset(self, train: bool, transform):
+        cls = self.torchvision_class()
         try:
-            return cls(str(self.root), train=train, transform=transform, download=download)
+            return cls(str(self.root), train=train, transform=transform)
         except RuntimeError as error:
             raise FileNotFoundError(f"{self.name} not found under {self.root} (expected torchvision's "
                                     f"{cls.base_folder}/ there); set download: true to fetch it ({error})") from None

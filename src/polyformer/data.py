@@ -1,8 +1,15 @@
-"""Data plumbing every domain shares: where the shared data lies, and loaders whose order is a function of the epoch."""
+"""Data plumbing every domain shares: where the shared data lies, fetching public data sets behind `download: true`
+(checksummed), and loaders whose order is a function of the epoch."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator, Sized
 from pathlib import Path
 
@@ -17,6 +24,59 @@ def shared_data_dir() -> Path:
     if "POLYFORMER_DATA_DIR" in os.environ:
         return Path(os.environ["POLYFORMER_DATA_DIR"])
     return PROJECT_ROOT.parent / "shared" / "data"
+
+
+CHECKSUM_KINDS = ("sha256", "md5", "git-blob-sha1")  # git-blob-sha1: the id git gives the file's contents
+
+
+def file_checksum(path: Path, kind: str) -> str:
+    """The hex digest of a file: sha256, md5, or git's blob id (sha1 of "blob <size>\\0" + contents)."""
+    if kind not in CHECKSUM_KINDS:
+        raise ValueError(f"checksum kind: expected one of {CHECKSUM_KINDS}, found {kind!r}")
+    digest = hashlib.new("sha1" if kind == "git-blob-sha1" else kind)
+    if kind == "git-blob-sha1":
+        digest.update(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch(url: str, destination: str | Path, checksum: str) -> Path:
+    """Downloads `url` to `destination`, which appears only once complete and matching `checksum` ("<kind>:<hex>",
+    kind one of CHECKSUM_KINDS): the bytes go to a temporary file beside it, renamed after the check."""
+    kind, _, expected = checksum.partition(":")
+    if kind not in CHECKSUM_KINDS or not expected:
+        raise ValueError(f"checksum for {url}: expected '<kind>:<hex digest>' with kind in {CHECKSUM_KINDS}, "
+                         f"found {checksum!r}")
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response:
+                    shutil.copyfileobj(response, out)
+            except (urllib.error.URLError, OSError) as error:
+                raise ConnectionError(f"downloading {url} to {destination} failed: {error}") from None
+        found = file_checksum(Path(partial), kind)
+        if found != expected.lower():
+            raise ValueError(f"downloaded {url}: {kind} {found} does not match the expected {expected}; nothing "
+                             f"was written to {destination}")
+        os.replace(partial, destination)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    return destination
+
+
+def fetch_and_extract(url: str, checksum: str, into: str | Path) -> None:
+    """fetch() an archive (tar, tar.gz, zip) into the folder `into`, unpack it there (members may not leave it), then
+    delete it."""
+    archive = fetch(url, Path(into) / Path(urllib.parse.urlparse(url).path).name, checksum)
+    try:
+        shutil.unpack_archive(archive, into, filter="data")
+    finally:
+        archive.unlink(missing_ok=True)
 
 
 def global_seed() -> int:
