@@ -204,3 +204,25 @@ def test_rope_scores_depend_only_on_relative_offset():
             if i + offset >= 0:
                 torch.testing.assert_close(score(i + offset, i), reference, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(score(5, 0), score(6, 0))  # and it does depend on the offset
+
+
+def test_attn_bias_adds_to_scores_and_combines_with_masks():
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(16, 2, causal=True).eval()
+    x = torch.randn(3, 6, 16)
+    bias = torch.randn(3, 2, 6, 6)
+    with torch.no_grad():
+        out, weights = attn(x, attn_bias=bias, need_weights=True)
+        q, k, _ = (t.unflatten(-1, (2, 8)).transpose(1, 2) for t in attn.qkv(x).chunk(3, dim=-1))
+        scores = q @ k.transpose(-2, -1) / 8 ** 0.5 + bias
+        expected = scores.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+        assert torch.allclose(weights, expected, atol=1e-6)
+        assert torch.allclose(attn(x, attn_bias=bias), out, atol=1e-6)  # the SDPA path, same result
+        # -inf in the bias excludes a key exactly as a padding mask does
+        padding = torch.zeros(3, 6, dtype=torch.bool)
+        padding[:, 4:] = True
+        excluded = torch.zeros(3, 1, 1, 6).masked_fill(padding[:, None, None], float("-inf"))
+        assert torch.allclose(MultiHeadAttention.forward(attn, x, attn_bias=excluded),
+                              attn(x, key_padding_mask=padding), atol=1e-6)
+    with pytest.raises(ValueError, match="linear attention forms no score matrix"):
+        MultiHeadAttention(16, 2, kind="linear")(x, attn_bias=bias)

@@ -1,4 +1,4 @@
-"""Vision: ViT and DeiT on the Polyformer core, timm-compatible (weights move both ways by state dict)."""
+"""Vision: ViT, DeiT and Swin on the Polyformer core, timm-compatible (weights move both ways by state dict)."""
 
 from polyformer.domains.vision.data import (
     AugmentConfig,
@@ -10,4 +10,5 @@ from polyformer.domains.vision.data import (
 )
 from polyformer.domains.vision.model import PatchEmbed, ViTConfig, VisionTransformer
 from polyformer.domains.vision.pretrain import MAEPretrainTask
+from polyformer.domains.vision.swin import SwinConfig, SwinTransformer
 from polyformer.domains.vision.task import DistillationConfig, ImageClassificationTask

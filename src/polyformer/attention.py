@@ -228,8 +228,11 @@ class MultiHeadAttention(nn.Module):
         cache: LayerCache | None = None,
         need_weights: bool = False,
         query_index: slice | None = None,
+        attn_bias: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """x: (b n d); context: (b m d) for cross-attention; key_padding_mask: (b m), or (b n) for self-attention.
+        attn_bias: added to the attention scores, broadcastable to (b h n m) (e.g. a relative position bias);
+        -inf where a key is excluded. Softmax kernels only.
 
         query_index: the tokens of x whose outputs are wanted, e.g. slice(0, 1) for a class token; queries are
         projected and attend only there (softmax kernels; the linear kernel computes all and selects), keys and
@@ -263,6 +266,8 @@ class MultiHeadAttention(nn.Module):
             k = self.rope(k, torch.arange(key_start, key_start + k.shape[2], device=x.device))
 
         if self.kind == "linear":
+            if attn_bias is not None:
+                raise ValueError("attn_bias: linear attention forms no score matrix to add it to; use kind='full'")
             if need_weights:
                 raise ValueError("need_weights: linear attention forms no weight matrix; use kind='full'")
             out, state = linear_attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
@@ -276,7 +281,7 @@ class MultiHeadAttention(nn.Module):
             # queries and keys at the same positions: the block-wise local kernel and SDPA's causal path apply
             aligned = not self.cross and subset is None and key_start == start and n == k.shape[2]
             out, weights = self._softmax_attention(q, k, v, query_pos, key_start, aligned, key_padding_mask,
-                                                   need_weights)
+                                                   need_weights, attn_bias)
 
         out = self.proj_drop(self.proj(rearrange(out, "b h n e -> b n (h e)")))
         return (out, weights) if need_weights else out
@@ -325,22 +330,26 @@ class MultiHeadAttention(nn.Module):
         return k, v, padding, key_start
 
     def _softmax_attention(self, q, k, v, query_pos: Tensor, key_start: int, aligned: bool, key_padding_mask,
-                           need_weights):
+                           need_weights, attn_bias: Tensor | None = None):
         dropout_p = self.attn_dropout if self.training else 0.0
+        if attn_bias is not None and self.kind == "local":
+            raise ValueError("attn_bias: the local kernel takes no additive bias; use kind='full' with a window")
         if self.kind == "local" and aligned and not need_weights:
             out = local_attention(q, k, v, window=self.window, causal=self.causal,
                                   key_padding_mask=key_padding_mask, slopes=self.slopes, dropout_p=dropout_p)
             return out, None
         # the causal-only case goes to SDPA's is_causal fast path (flash on GPU) instead of an explicit mask
         if self.causal and aligned and not need_weights and self.window is None and key_padding_mask is None \
-                and self.slopes is None:
+                and self.slopes is None and attn_bias is None:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True), None
         key_pos = torch.arange(key_start, key_start + k.shape[2], device=q.device)
         mask = allowed_keys(query_pos, key_pos, causal=self.causal, window=self.window,
                             key_padding_mask=key_padding_mask)
-        if self.slopes is not None:
-            bias = alibi_bias(self.slopes, query_pos, key_pos).to(q.dtype)[None]
-            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        bias = alibi_bias(self.slopes, query_pos, key_pos).to(q.dtype)[None] if self.slopes is not None else None
+        if attn_bias is not None:
+            bias = attn_bias.to(q.dtype) if bias is None else bias + attn_bias.to(q.dtype)
+        if bias is not None:
+            mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
         if need_weights:
             return math_attention(q, k, v, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p), None
