@@ -1,0 +1,268 @@
+"""Object detection data in the Pascal VOC layout: any folder with `Annotations/<id>.xml`, `JPEGImages/<id>.jpg` and
+split files `ImageSets/Main/<split>.txt` (one id per line) — BCCD, VOC2007/2012, or a folder of your own.
+
+Every annotation is checked when a split is read: its `<size>` against the JPEG's own, every object's class against
+`classes`, every box inside the image and of positive area; every JPEG is decoded once. A bad file raises a
+ValueError naming it (and the object); with `skip_bad` a bad box is left out, or a bad image with all its boxes, and
+each is logged and counted. Boxes keep VOC's pixel corners as written (x_min, y_min, x_max, y_max).
+
+Batches hold images of different sizes, padded at the bottom and right to the largest in the batch (a multiple of
+`size_divisor`) with `padding_mask` (b H W) True at padding; targets are per image: boxes as (cx, cy, w, h) in
+[0, 1] of the image before padding (DETR's convention), class indices, and the original size for mapping
+predictions back to pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.ops import box_convert
+from torchvision.transforms import v2
+
+from polyformer.data import make_loader, shared_data_dir
+from polyformer.domains.vision.data import load_rgb
+
+log = logging.getLogger(__name__)
+
+BCCD_CLASSES = ["RBC", "WBC", "Platelets"]
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Annotation:
+    """One image's boxes: (n 4) float32 pixel corners and (n) int64 class indices."""
+
+    image: Path
+    width: int
+    height: int
+    boxes: np.ndarray
+    labels: np.ndarray
+
+
+class BadAnnotation(ValueError):
+    pass
+
+
+def number(element: ET.Element, tag: str, where: str) -> float:
+    child = element.find(tag)
+    if child is None or child.text is None:
+        raise BadAnnotation(f"{where}: no <{tag}>")
+    try:
+        return float(child.text)
+    except ValueError:
+        raise BadAnnotation(f"{where}: <{tag}> is {child.text!r}, not a number") from None
+
+
+def read_annotation(xml_path: Path, image_dir: Path, classes: list[str], skip_bad: bool) -> tuple[Annotation, int]:
+    """Parses and checks one VOC annotation; returns it and how many boxes were left out (skip_bad only)."""
+    try:
+        root = ET.parse(xml_path).getroot()
+    except (ET.ParseError, OSError) as error:
+        raise BadAnnotation(f"{xml_path}: not readable XML ({error})") from None
+    size = root.find("size")
+    if size is None:
+        raise BadAnnotation(f"{xml_path}: no <size> (width and height of the image)")
+    width, height = int(number(size, "width", str(xml_path))), int(number(size, "height", str(xml_path)))
+    filename = root.findtext("filename") or f"{xml_path.stem}.jpg"
+    image = image_dir / filename
+    boxes, labels, skipped = [], [], 0
+    for index, obj in enumerate(root.findall("object")):
+        where = f"{xml_path}: object {index}"
+        try:
+            name = (obj.findtext("name") or "").strip()
+            if name not in classes:
+                raise BadAnnotation(f"{where}: class {name!r} is not one of the configured classes {classes}")
+            box = obj.find("bndbox")
+            if box is None:
+                raise BadAnnotation(f"{where}: no <bndbox>")
+            x0, y0, x1, y1 = (number(box, tag, where) for tag in ("xmin", "ymin", "xmax", "ymax"))
+            if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+                raise BadAnnotation(f"{where}: box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside the "
+                                    f"{width}×{height} image")
+            if x1 <= x0 or y1 <= y0:
+                raise BadAnnotation(f"{where}: box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) has zero area")
+        except BadAnnotation as error:
+            if not skip_bad:
+                raise
+            log.warning("left out a box: %s", error)
+            skipped += 1
+            continue
+        boxes.append((x0, y0, x1, y1))
+        labels.append(classes.index(name))
+    return Annotation(image, width, height, np.array(boxes, np.float32).reshape(-1, 4),
+                      np.array(labels, np.int64)), skipped
+
+
+def check_image(annotation: Annotation, xml_path: Path) -> None:
+    """Decodes the JPEG once: it must exist, decode, and have the size its annotation states."""
+    if not annotation.image.is_file():
+        raise BadAnnotation(f"{xml_path}: its image {annotation.image} does not exist")
+    try:
+        with Image.open(annotation.image) as image:
+            image.load()
+            found = image.size
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise BadAnnotation(f"{annotation.image}: cannot decode the image ({error})") from None
+    if found != (annotation.width, annotation.height):
+        raise BadAnnotation(f"{xml_path}: <size> says {annotation.width}×{annotation.height}, the image "
+                            f"{annotation.image} is {found[0]}×{found[1]}")
+
+
+def read_voc_split(root: Path, split: str, classes: list[str], *, skip_bad: bool = False) -> list[Annotation]:
+    """Every image of ImageSets/Main/<split>.txt, checked (see the module docstring)."""
+    ids_file = root / "ImageSets" / "Main" / f"{split}.txt"
+    if not ids_file.is_file():
+        raise FileNotFoundError(f"split {split!r}: expected the id list {ids_file} (Pascal VOC layout), found none")
+    ids = [line.split()[0] for line in ids_file.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise ValueError(f"split {split!r}: {ids_file} lists no image")
+    annotations, bad_images, bad_boxes = [], 0, 0
+    for image_id in ids:
+        xml_path = root / "Annotations" / f"{image_id}.xml"
+        try:
+            if not xml_path.is_file():
+                raise BadAnnotation(f"{ids_file}: lists {image_id}, which has no annotation {xml_path}")
+            annotation, skipped = read_annotation(xml_path, root / "JPEGImages", classes, skip_bad)
+            check_image(annotation, xml_path)
+        except BadAnnotation as error:
+            if not skip_bad:
+                raise
+            log.warning("left out an image: %s", error)
+            bad_images += 1
+            continue
+        bad_boxes += skipped
+        annotations.append(annotation)
+    if bad_images or bad_boxes:
+        log.warning("split %r of %s: left out %d of %d images and %d boxes (skip_bad; each logged above)", split,
+                    root, bad_images, len(ids), bad_boxes)
+    if not annotations:
+        raise ValueError(f"split {split!r}: no usable image in {ids_file}")
+    return annotations
+
+
+def detection_transforms(train: bool, size: int, max_size: int, scale_range: tuple[float, float]) -> v2.Compose:
+    """Train: flip, scale jitter of the shorter side in size·scale_range, a random crop of at least half of each side
+    (boxes clipped, those left with no area dropped); eval: shorter side to `size`. Then ImageNet normalisation."""
+    steps: list = []
+    if train:
+        sizes = sorted({int(round(size * s / 32)) * 32 for s in np.linspace(*scale_range, 5)})
+        steps += [v2.RandomHorizontalFlip(), v2.RandomShortestSize(sizes, max_size=max_size),
+                  v2.RandomApply([v2.RandomIoUCrop(min_scale=0.5, sampler_options=[0.0, 0.1, 0.3, 0.5])], p=0.5),
+                  v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1.0)]
+    else:
+        steps += [v2.Resize(size, max_size=max_size)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return v2.Compose(steps)
+
+
+class VOCDetectionDataset(Dataset):
+    """Item: (image (3 h w) normalised, target dict: boxes (n 4) normalised cxcywh, labels (n), orig_size (2) as
+    (height, width), image_id)."""
+
+    def __init__(self, annotations: list[Annotation], transform: v2.Compose):
+        self.annotations, self.transform = annotations, transform
+
+    def __len__(self) -> int:
+        return len(self.annotations)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
+        a = self.annotations[index]
+        image = tv_tensors.Image(v2.functional.pil_to_tensor(load_rgb(str(a.image))))
+        boxes = tv_tensors.BoundingBoxes(torch.from_numpy(a.boxes), format="XYXY", canvas_size=(a.height, a.width))
+        image, target = self.transform(image, {"boxes": boxes, "labels": torch.from_numpy(a.labels)})
+        height, width = image.shape[-2:]
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        return image.as_subclass(Tensor), {
+            "boxes": box_convert(target["boxes"].as_subclass(Tensor), "xyxy", "cxcywh") / scale,
+            "labels": target["labels"],
+            "orig_size": torch.tensor([a.height, a.width]),
+            "image_id": torch.tensor(index),
+        }
+
+
+def pad_batch(items: list[tuple[Tensor, dict[str, Tensor]]], size_divisor: int = 32
+              ) -> tuple[Tensor, Tensor, list[dict[str, Tensor]]]:
+    """Images (b 3 H W) zero-padded at the bottom and right, padding_mask (b H W) True at padding, the targets."""
+    height = max(image.shape[1] for image, _ in items)
+    width = max(image.shape[2] for image, _ in items)
+    height, width = -(-height // size_divisor) * size_divisor, -(-width // size_divisor) * size_divisor
+    images = torch.stack([F.pad(image, (0, width - image.shape[2], 0, height - image.shape[1]))
+                          for image, _ in items])
+    padding = torch.ones(len(items), height, width, dtype=torch.bool)
+    for i, (image, _) in enumerate(items):
+        padding[i, : image.shape[1], : image.shape[2]] = False
+    return images, padding, [target for _, target in items]
+
+
+class VOCDetectionDataModule(L.LightningDataModule):
+    """Train / val / test splits of a Pascal VOC-layout folder (default: the shared BCCD blood-cell images)."""
+
+    def __init__(
+        self,
+        root: str | None = None,  # the folder holding Annotations/, JPEGImages/, ImageSets/Main/
+        classes: list[str] | None = None,  # default BCCD's: RBC, WBC, Platelets
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "val",  # BCCD's test images are not in the shared copy
+        image_size: int = 384,  # shorter side at evaluation; training jitters around it
+        max_size: int = 640,  # longer side cap
+        scale_range: tuple[float, float] = (0.75, 1.25),
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        skip_bad: bool = False,  # leave out (and log, and count) bad boxes and images instead of raising
+    ):
+        super().__init__()
+        if image_size < 32 or max_size < image_size:
+            raise ValueError(f"expected 32 <= image_size <= max_size, found image_size={image_size}, "
+                             f"max_size={max_size}")
+        if not 0 < scale_range[0] <= scale_range[1]:
+            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, found {scale_range}")
+        self.root = Path(root) if root is not None else shared_data_dir() / "vision" / "bccd"
+        self.classes = list(classes or BCCD_CLASSES)
+        if len(set(self.classes)) != len(self.classes) or not self.classes:
+            raise ValueError(f"classes must be distinct names, found {self.classes}")
+        self.splits = {"train": train_split, "val": val_split, "test": test_split}
+        self.image_size, self.max_size, self.scale_range = image_size, max_size, tuple(scale_range)
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.skip_bad = num_workers, skip_bad
+        self.datasets: dict[str, VOCDetectionDataset] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for name in wanted.get(stage, ("train", "val", "test")):
+            if name not in self.datasets:
+                annotations = read_voc_split(self.root, self.splits[name], self.classes, skip_bad=self.skip_bad)
+                transform = detection_transforms(name == "train", self.image_size, self.max_size, self.scale_range)
+                self.datasets[name] = VOCDetectionDataset(annotations, transform)
+
+    def loader(self, name: str, train: bool):
+        return make_loader(self.datasets[name], batch_size=self.batch_size if train else self.eval_batch_size,
+                           shuffle=train, num_workers=self.num_workers, drop_last=False, collate_fn=pad_batch)
+
+    def train_dataloader(self):
+        return self.loader("train", True)
+
+    def val_dataloader(self):
+        return self.loader("val", False)
+
+    def test_dataloader(self):
+        return self.loader("test", False)
+
+    def predict_dataloader(self):
+        return self.loader("test", False)
