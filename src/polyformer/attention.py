@@ -229,10 +229,14 @@ class MultiHeadAttention(nn.Module):
         need_weights: bool = False,
         query_index: slice | None = None,
         attn_bias: Tensor | None = None,
+        pos: Tensor | None = None,
+        context_pos: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """x: (b n d); context: (b m d) for cross-attention; key_padding_mask: (b m), or (b n) for self-attention.
         attn_bias: added to the attention scores, broadcastable to (b h n m) (e.g. a relative position bias);
         -inf where a key is excluded. Softmax kernels only.
+        pos (b n d), context_pos (b m d): positions added to the queries' and keys' inputs but not the values'
+        (DETR, at every layer): self-attention adds pos to both; cross-attention pos to queries, context_pos to keys.
 
         query_index: the tokens of x whose outputs are wanted, e.g. slice(0, 1) for a class token; queries are
         projected and attend only there (softmax kernels; the linear kernel computes all and selects), keys and
@@ -243,17 +247,26 @@ class MultiHeadAttention(nn.Module):
         # linear attention's causal form runs over every query in order: it computes all, then selects
         subset = query_index if self.kind != "linear" else None
         queries = x if subset is None else x[:, subset]
+        if (pos is not None or context_pos is not None) and (subset is not None or cache is not None):
+            raise ValueError("pos / context_pos are added to whole inputs: they do not combine with query_index or "
+                             "a KV cache")
+        d = x.shape[-1]
         if self.cross:
             if context is None:
                 raise ValueError("cross-attention needs a context (b m d), found None")
-            q = self.q(queries)
-            k, v = self.kv(context).chunk(2, dim=-1)
+            q = self.q(queries if pos is None else queries + pos)
+            if context_pos is None:
+                k, v = self.kv(context).chunk(2, dim=-1)
+            else:  # the fused weight's rows [k; v]
+                k, v = self.split_linear(self.kv, (context + context_pos, context), d)
+        elif pos is not None:  # the fused weight's rows [q; k] see the positions, [v] does not
+            q_and_k, v = self.split_linear(self.qkv, (x + pos, x), 2 * d)
+            q, k = q_and_k.chunk(2, dim=-1)
         elif subset is None:
             q, k, v = self.qkv(x).chunk(3, dim=-1)
         else:  # the fused weight's rows [q; k; v]: queries for the selected tokens only
-            d, weight, bias = x.shape[-1], self.qkv.weight, self.qkv.bias
-            q = F.linear(queries, weight[:d], None if bias is None else bias[:d])
-            k, v = F.linear(x, weight[d:], None if bias is None else bias[d:]).chunk(2, dim=-1)
+            q, k_and_v = self.split_linear(self.qkv, (queries, x), d)
+            k, v = k_and_v.chunk(2, dim=-1)
         q, k, v = (rearrange(t, "b n (h e) -> b h n e", h=self.heads) for t in (q, k, v))
         q, k = self.q_norm(q), self.k_norm(k)
 
@@ -285,6 +298,14 @@ class MultiHeadAttention(nn.Module):
 
         out = self.proj_drop(self.proj(rearrange(out, "b h n e -> b n (h e)")))
         return (out, weights) if need_weights else out
+
+    @staticmethod
+    def split_linear(layer: nn.Linear, inputs: tuple[Tensor, Tensor], rows: int) -> tuple[Tensor, Tensor]:
+        """A fused projection applied in two parts: its first `rows` output rows to inputs[0], the rest to
+        inputs[1]."""
+        weight, bias = layer.weight, layer.bias
+        first = F.linear(inputs[0], weight[:rows], None if bias is None else bias[:rows])
+        return first, F.linear(inputs[1], weight[rows:], None if bias is None else bias[rows:])
 
     def forward_fixed_cache(self, x: Tensor, keys: Tensor, values: Tensor, key_valid: Tensor
                             ) -> tuple[Tensor, Tensor, Tensor]:
