@@ -1,0 +1,218 @@
+"""DETR (Carion et al. 2020, https://arxiv.org/abs/2005.12872): detection as set prediction on the core's encoder and
+decoder.
+
+A CNN (or the Swin of swin.py) turns the padded image batch into a feature map; a 1×1 convolution brings it to the
+transformer's width, and its H'·W' cells become the tokens of the core's `TransformerEncoder`, with 2-D sine positions
+added to queries and keys at every layer (padding cells masked). The core's `TransformerDecoder` lets a fixed set of
+learned object queries (their embeddings are the decoder's query positions; its input starts at zero) attend to the
+encoded image. Every query predicts a class — one of the k classes or "no object" — and a box (cx, cy, w, h) in
+[0, 1] of the unpadded image. Training matches predictions to the ground truth one-to-one (Hungarian matching on a
+cost of class probability, L1 and generalised IoU of the boxes) and penalises: cross-entropy for every query (the
+unmatched ones toward "no object", down-weighted), L1 and generalised-IoU losses for the matched boxes — after every
+decoder layer (auxiliary losses), with the heads shared.
+
+Shapes: b batch, (H W) padded image, (h w) feature map, m = h·w tokens, d width, q queries, k classes (+1 no-object),
+L decoder layers, t ground-truth boxes of an image.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from einops import rearrange
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+from torchvision.ops import box_convert, generalized_box_iou
+
+from polyformer.domains.vision.swin import SwinConfig, SwinTransformer
+from polyformer.transformer import TransformerConfig, TransformerDecoder, TransformerEncoder
+
+Backbone = Literal["resnet18", "resnet34", "resnet50", "swin"]
+
+
+@dataclass
+class DETRLossConfig:
+    """Matching costs and loss weights (DETR's: class 1, L1 5, GIoU 2; no-object weight 0.1)."""
+
+    class_weight: float = 1.0
+    l1_weight: float = 5.0
+    giou_weight: float = 2.0
+    no_object_weight: float = 0.1  # DETR's eos_coef: the cross-entropy weight of the "no object" class
+    aux_loss: bool = True  # the same losses after every decoder layer
+
+
+@dataclass
+class DETRConfig:
+    num_classes: int = 91  # object classes, without "no object"
+    backbone: Backbone = "resnet50"  # torchvision's ResNets (random init: nothing is downloaded) or swin.py's Swin
+    backbone_stride: Literal[16, 32] = 32  # ResNets: stop after layer3 (16) or layer4 (32)
+    swin: SwinConfig | None = None  # the Swin backbone's config (num_classes ignored); its last stage is read
+    dim: int = 256
+    heads: int = 8
+    encoder_depth: int = 6
+    decoder_depth: int = 6
+    mlp_ratio: float = 8.0  # DETR's 2048-wide feed-forward at width 256
+    dropout: float = 0.1
+    num_queries: int = 100
+    prenorm: bool = True  # DETR's normalize_before variant (pre-norm, a final norm on encoder and decoder)
+    loss: DETRLossConfig = field(default_factory=DETRLossConfig)
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 1 or self.num_queries < 1:
+            raise ValueError(f"num_classes and num_queries must be positive, found {self.num_classes} and "
+                             f"{self.num_queries}")
+        if self.backbone not in ("resnet18", "resnet34", "resnet50", "swin"):
+            raise ValueError(f"backbone must be resnet18, resnet34, resnet50 or swin, found {self.backbone!r}")
+
+    def transformer(self, depth: int) -> TransformerConfig:
+        return TransformerConfig(dim=self.dim, depth=depth, heads=self.heads, mlp_ratio=self.mlp_ratio,
+                                 activation="relu", dropout=self.dropout, attn_dropout=self.dropout,
+                                 prenorm=self.prenorm, final_norm=True)
+
+
+def sine_positions_2d(padding_mask: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
+    """DETR's 2-D sine positions: each real cell's row and column, counted over real cells and scaled to [0, 2π],
+    each in dim/2 sine/cosine channels. padding_mask (b h w) True at padding → (b h w d)."""
+    if dim % 4:
+        raise ValueError(f"2-D sine positions need a width divisible by 4, found {dim}")
+    real = (~padding_mask).float()
+    rows, cols = real.cumsum(1), real.cumsum(2)
+    rows = rows / (rows[:, -1:, :] + 1e-6) * 2 * math.pi
+    cols = cols / (cols[:, :, -1:] + 1e-6) * 2 * math.pi
+    half = dim // 2
+    frequencies = temperature ** (2 * (torch.arange(half, device=padding_mask.device) // 2) / half)
+
+    def encode(angle: Tensor) -> Tensor:  # (b h w) → (b h w half): sin on even channels, cos on odd
+        phase = angle[..., None] / frequencies
+        return torch.stack((phase[..., 0::2].sin(), phase[..., 1::2].cos()), dim=-1).flatten(-2)
+
+    return torch.cat((encode(rows), encode(cols)), dim=-1)
+
+
+class ResNetBackbone(nn.Module):
+    """torchvision's ResNet up to layer3 (stride 16) or layer4 (stride 32): (b 3 H W) → (b c h w)."""
+
+    def __init__(self, name: str, stride: int):
+        super().__init__()
+        resnet = getattr(torchvision.models, name)(weights=None)
+        layers = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3"] + (["layer4"] if stride == 32
+                                                                                      else [])
+        self.body = nn.Sequential(*[getattr(resnet, layer) for layer in layers])
+        last = resnet.layer4 if stride == 32 else resnet.layer3
+        self.channels = last[-1].conv3.out_channels if hasattr(last[-1], "conv3") else last[-1].conv2.out_channels
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.body(images)
+
+
+class SwinBackbone(nn.Module):
+    """swin.py's Swin, its last stage normed: (b 3 H W) → (b c h w)."""
+
+    def __init__(self, config: SwinConfig):
+        super().__init__()
+        self.swin = SwinTransformer(config)
+        self.channels = self.swin.num_features
+
+    def forward(self, images: Tensor) -> Tensor:
+        return rearrange(self.swin.norm(self.swin.stages(images)[-1]), "b h w c -> b c h w")
+
+
+class BoxHead(nn.Module):
+    """DETR's 3-layer MLP from a query's output to its box (cx, cy, w, h), sigmoid'd into [0, 1]."""
+
+    def __init__(self, dim: int, layers: int = 3):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(dim, dim if i < layers - 1 else 4) for i in range(layers))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x.sigmoid()
+
+
+class DETR(nn.Module):
+    """(b 3 H W) images and their (b H W) padding mask → logits (L b q k+1) and boxes (L b q 4), one per decoder
+    layer (the last is the prediction)."""
+
+    def __init__(self, config: DETRConfig):
+        super().__init__()
+        self.config = c = config
+        self.backbone = SwinBackbone(c.swin or SwinConfig(num_classes=0)) if c.backbone == "swin" \
+            else ResNetBackbone(c.backbone, c.backbone_stride)
+        self.input_proj = nn.Conv2d(self.backbone.channels, c.dim, kernel_size=1)
+        self.encoder = TransformerEncoder(c.transformer(c.encoder_depth))
+        self.decoder = TransformerDecoder(c.transformer(c.decoder_depth))
+        self.query_embed = nn.Embedding(c.num_queries, c.dim)
+        self.class_head = nn.Linear(c.dim, c.num_classes + 1)
+        self.box_head = BoxHead(c.dim)
+
+    def forward(self, images: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.input_proj(self.backbone(images))  # (b d h w)
+        mask = F.interpolate(padding_mask[:, None].float(), size=features.shape[-2:])[:, 0].bool()  # (b h w)
+        pos = rearrange(sine_positions_2d(mask, self.config.dim), "b h w d -> b (h w) d")
+        tokens, mask = rearrange(features, "b d h w -> b (h w) d"), rearrange(mask, "b h w -> b (h w)")
+        memory = self.encoder(tokens, key_padding_mask=mask, pos=pos)
+        queries = self.query_embed.weight.expand(images.shape[0], -1, -1)  # (b q d)
+        outputs = self.decoder(torch.zeros_like(queries), memory, memory_padding_mask=mask, pos=queries,
+                               memory_pos=pos, every_layer=True)  # (L b q d)
+        return self.class_head(outputs), self.box_head(outputs)
+
+
+@torch.no_grad()
+def hungarian_match(logits: Tensor, boxes: Tensor, labels: Tensor, target_boxes: Tensor,
+                    loss: DETRLossConfig) -> tuple[Tensor, Tensor]:
+    """One image: the assignment of queries to its t boxes minimising class + L1 + GIoU cost. logits (q k+1),
+    boxes (q 4) and target_boxes (t 4) as (cx, cy, w, h); returns (query indices, target indices), t of each."""
+    if len(labels) == 0:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty
+    cost = (-loss.class_weight * logits.softmax(-1)[:, labels]
+            + loss.l1_weight * torch.cdist(boxes, target_boxes, p=1)
+            - loss.giou_weight * generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"),
+                                                     box_convert(target_boxes, "cxcywh", "xyxy")))
+    queries, targets = linear_sum_assignment(cost.float().cpu().numpy())
+    return torch.as_tensor(queries, dtype=torch.long), torch.as_tensor(targets, dtype=torch.long)
+
+
+def detr_loss(logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]], loss: DETRLossConfig
+              ) -> dict[str, Tensor]:
+    """Summed over the decoder layers that count (all with aux_loss, else the last): "class" (cross-entropy with the
+    no-object weight), "l1" and "giou" (matched boxes, per ground-truth box), and "total" (weighted)."""
+    layers = range(logits.shape[0]) if loss.aux_loss else [logits.shape[0] - 1]
+    k = logits.shape[-1] - 1
+    class_weights = torch.ones(k + 1, device=logits.device)
+    class_weights[k] = loss.no_object_weight
+    num_boxes = max(sum(len(t["labels"]) for t in targets), 1)
+    terms = {"class": logits.new_zeros(()), "l1": logits.new_zeros(()), "giou": logits.new_zeros(())}
+    for layer in layers:
+        wanted = torch.full(logits.shape[1:3], k, dtype=torch.long, device=logits.device)  # (b q): no object
+        matched, truth = [], []
+        for i, target in enumerate(targets):
+            queries, indices = hungarian_match(logits[layer, i], boxes[layer, i], target["labels"],
+                                               target["boxes"], loss)
+            wanted[i, queries] = target["labels"][indices]
+            matched.append(boxes[layer, i, queries])
+            truth.append(target["boxes"][indices])
+        terms["class"] = terms["class"] + F.cross_entropy(logits[layer].transpose(1, 2), wanted, class_weights)
+        matched, truth = torch.cat(matched), torch.cat(truth)
+        terms["l1"] = terms["l1"] + F.l1_loss(matched, truth, reduction="sum") / num_boxes
+        giou = generalized_box_iou(box_convert(matched, "cxcywh", "xyxy"), box_convert(truth, "cxcywh", "xyxy"))
+        terms["giou"] = terms["giou"] + (1 - giou.diagonal()).sum() / num_boxes
+    terms["total"] = loss.class_weight * terms["class"] + loss.l1_weight * terms["l1"] + \
+        loss.giou_weight * terms["giou"]
+    return terms
+
+
+def detections(logits: Tensor, boxes: Tensor, sizes: Tensor) -> list[dict[str, Tensor]]:
+    """Per image: every query's most likely real class and its probability, and its box in pixels (x0, y0, x1, y1)
+    of an image of sizes[i] = (height, width). logits (b q k+1), boxes (b q 4)."""
+    scores, labels = logits.softmax(-1)[..., :-1].max(-1)
+    height, width = sizes.unbind(-1)
+    scale = torch.stack((width, height, width, height), dim=-1)[:, None].to(boxes.dtype)  # (b 1 4)
+    pixels = box_convert(boxes, "cxcywh", "xyxy") * scale
+    return [{"boxes": pixels[i], "scores": scores[i], "labels": labels[i]} for i in range(len(logits))]

@@ -1,0 +1,106 @@
+"""DETR on the core: matching, the set loss, 2-D positions, a seeded overfit of one image, and the CLI's fit / test /
+predict on a small VOC folder (mAP logged, JSON and pictures written)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torchvision.ops import box_iou, box_convert
+
+from polyformer.cli import PolyformerCLI
+from polyformer.domains.vision.detr import (DETR, DETRConfig, DETRLossConfig, detections, detr_loss,
+                                            hungarian_match, sine_positions_2d)
+from tests.vision.test_detection_data import annotation_xml, voc_folder
+
+
+def tiny_detr(**overrides) -> DETRConfig:
+    settings = dict(num_classes=1, backbone="resnet18", backbone_stride=16, dim=32, heads=4, encoder_depth=1,
+                    decoder_depth=2, mlp_ratio=2.0, dropout=0.0, num_queries=5)
+    return DETRConfig(**{**settings, **overrides})
+
+
+def test_hungarian_match_pairs_each_box_with_its_prediction():
+    targets = torch.tensor([[0.2, 0.2, 0.1, 0.1], [0.7, 0.6, 0.2, 0.3]])
+    boxes = torch.tensor([[0.5, 0.5, 0.3, 0.3], [0.7, 0.6, 0.2, 0.3], [0.9, 0.9, 0.1, 0.1], [0.2, 0.2, 0.1, 0.1]])
+    logits = torch.zeros(4, 3)
+    queries, indices = hungarian_match(logits, boxes, torch.tensor([0, 1]), targets, DETRLossConfig())
+    assert dict(zip(indices.tolist(), queries.tolist())) == {0: 3, 1: 1}
+    assert hungarian_match(logits, boxes, torch.zeros(0, dtype=torch.long), targets[:0], DETRLossConfig())[0].numel() == 0
+
+
+def test_set_loss_is_zero_on_the_boxes_when_predictions_are_exact():
+    targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.4, 0.5, 0.2, 0.2]])}]
+    boxes = torch.tensor([[0.4, 0.5, 0.2, 0.2], [0.8, 0.8, 0.1, 0.1]])[None, None]  # (L b q 4)
+    logits = torch.tensor([[9.0, -9.0], [-9.0, 9.0]])[None, None]  # query 0: class 0, query 1: no object
+    losses = detr_loss(logits, boxes, targets, DETRLossConfig())
+    assert losses["l1"].item() == pytest.approx(0, abs=1e-6) and losses["giou"].item() == pytest.approx(0, abs=1e-6)
+    assert losses["class"].item() < 1e-3
+    found = detections(logits[-1], boxes[-1], torch.tensor([[100, 200]]))[0]
+    assert found["boxes"][0].tolist() == pytest.approx([60, 40, 100, 60])  # (x0, y0, x1, y1) of a 200×100 image
+
+
+def test_sine_positions_ignore_padding():
+    mask = torch.zeros(2, 4, 6, dtype=torch.bool)
+    mask[1, :, 3:] = True  # the second image is 4×3, padded to 4×6
+    pos = sine_positions_2d(mask, 16)
+    assert pos.shape == (2, 4, 6, 16)
+    alone = sine_positions_2d(torch.zeros(1, 4, 3, dtype=torch.bool), 16)
+    assert torch.allclose(pos[1, :, :3], alone[0])  # the real cells' positions do not see the padding
+
+
+def test_detr_overfits_one_image(one_torch_thread):
+    torch.manual_seed(0)
+    model = DETR(tiny_detr())
+    images = torch.randn(1, 3, 64, 64)
+    images[:, :, 16:40, 8:32] += 3.0  # a bright square, where the box is
+    padding = torch.zeros(1, 64, 64, dtype=torch.bool)
+    truth = torch.tensor([[20 / 64, 28 / 64, 24 / 64, 24 / 64]])
+    targets = [{"labels": torch.tensor([0]), "boxes": truth}]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    first = None
+    for _ in range(150):
+        losses = detr_loss(*model(images, padding), targets, DETRLossConfig())
+        optimizer.zero_grad()
+        losses["total"].backward()
+        optimizer.step()
+        first = first if first is not None else losses["total"].item()
+    assert losses["total"].item() < 0.2 * first
+    model.eval()
+    with torch.no_grad():
+        found = detections(*(t[-1] for t in model(images, padding)), torch.tensor([[64, 64]]))[0]
+    best = found["scores"].argmax()
+    iou = box_iou(found["boxes"][best][None], box_convert(truth * 64, "cxcywh", "xyxy"))
+    assert iou.item() > 0.7 and found["scores"][best] > 0.5
+
+
+def test_detection_cli_fits_tests_and_predicts(tmp_path, one_torch_thread):
+    root = voc_folder(tmp_path / "voc", annotation_xml(box=(8, 8, 40, 40)), image_size=(64, 48))
+    (root / "ImageSets" / "Main" / "val.txt").write_text("img\n")
+    model = json.dumps({"class_path": "polyformer.domains.vision.detection_task.DetectionTask",
+                        "init_args": {"detr": vars(tiny_detr()) | {"loss": vars(DETRLossConfig())},
+                                      "score_threshold": 0.0}})
+    data = json.dumps({"class_path": "polyformer.domains.vision.detection_data.VOCDetectionDataModule",
+                       "init_args": {"root": str(root), "classes": ["cell"], "image_size": 64, "max_size": 96,
+                                     "batch_size": 1, "num_workers": 0}})
+    common = [f"--model={model}", f"--data={data}", f"--run.root={tmp_path / 'runs'}", "--run.domain=vision",
+              "--run.name=detr", "--trainer.enable_progress_bar=false"]
+    PolyformerCLI(args=["fit", *common, "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1"])
+    checkpoint = next((tmp_path / "runs").rglob("last.ckpt"))
+    cli = PolyformerCLI(args=["test", *common, f"--ckpt_path={checkpoint}"])
+    metrics = cli.trainer.callback_metrics
+    assert {"test/map", "test/map50"} <= set(metrics) and 0 <= metrics["test/map50"] <= 1
+    PolyformerCLI(args=["predict", *common, f"--ckpt_path={checkpoint}"])
+    out = next((tmp_path / "runs").rglob("predictions"))
+    record = json.loads((out / "img.json").read_text())
+    assert record["image"].endswith("img.jpg") and len(record["detections"]) == 5  # every query, best first
+    scores = [d["score"] for d in record["detections"]]
+    assert scores == sorted(scores, reverse=True) and (out / "img.png").stat().st_size > 0
+
+
+def test_detr_config_and_data_mismatch():
+    with pytest.raises(ValueError, match="backbone must be"):
+        DETRConfig(backbone="vgg")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sine_positions_2d(torch.zeros(1, 2, 2, dtype=torch.bool), 6)
