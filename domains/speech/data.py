@@ -146,6 +146,26 @@ def read_split(root: Path, split: str, *, sample_rate: int = 16_000, skip_bad: b
     return utterances
 
 
+def read_audio_folder(folder: Path, *, sample_rate: int = 16_000, skip_bad: bool = False) -> list[Utterance]:
+    """Every FLAC or WAV file below `folder`, checked like a split's audio, without a transcript (""): audio for
+    self-supervised pre-training."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"audio folder {folder}: expected a folder of FLAC / WAV files, found none")
+    utterances, skipped = [], 0
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".flac", ".wav")):
+        try:
+            utterances.append(Utterance(str(path.relative_to(folder).with_suffix("")), path, "",
+                                        check_audio(path, sample_rate)))
+        except BadAudio as error:
+            if not skip_bad:
+                raise
+            skipped += 1
+            log.warning("skipping bad audio %d of folder %s: %s", skipped, folder, error)
+    if not utterances:
+        raise ValueError(f"audio folder {folder}: no usable FLAC or WAV file found")
+    return utterances
+
+
 class SpeechDataset(Dataset):
     """Decodes one utterance with soundfile: (float32 waveform (s,), transcript, id)."""
 
@@ -263,6 +283,7 @@ class LibriSpeechDataModule(L.LightningDataModule):
         checksums: dict[str, str] | None = None,  # split → "<kind>:<hex>", for archives other than openslr's
         stats_utterances: int = 500,  # training utterances the normalisation statistics are estimated from
         seed: int | None = None,  # batch order seed; default: the run's seed_everything
+        audio_folders: list[str] | None = None,  # more training audio, without transcripts (self-supervised only)
     ):
         super().__init__()
         for field, value in (("max_duration", max_duration), ("batch_seconds", batch_seconds),
@@ -281,6 +302,7 @@ class LibriSpeechDataModule(L.LightningDataModule):
         self.num_buckets, self.num_workers, self.sample_rate = num_buckets, num_workers, sample_rate
         self.skip_bad, self.download, self.stats_utterances, self.seed = skip_bad, download, stats_utterances, seed
         self.mirror, self.checksums = mirror, checksums or {}
+        self.audio_folders = [Path(folder) for folder in audio_folders or []]
         self.splits: dict[str, list[Utterance]] = {}
         self.train_set: list[Utterance] | None = None
 
@@ -301,6 +323,8 @@ class LibriSpeechDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return self.train_set
         everything = [u for split in self.train_splits for u in self.utterances(split)]
+        for folder in self.audio_folders:
+            everything += read_audio_folder(folder, sample_rate=self.sample_rate, skip_bad=self.skip_bad)
         kept = [u for u in everything if u.duration <= self.max_duration]
         if len(kept) < len(everything):
             log.warning("training data: dropped %d of %d utterances longer than max_duration=%.1f s",

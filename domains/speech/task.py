@@ -34,6 +34,13 @@ def ctc_frames_needed(targets: Tensor, target_lengths: Tensor) -> Tensor:
     return target_lengths + repeats.sum(dim=1)
 
 
+def fit_normalizer(model: SpeechRecognizer, datamodule) -> None:
+    """Estimates the model's feature mean and std from the data module's `stats_waveforms()`, once."""
+    if not model.normalizer.fitted:
+        rank_zero_info(f"estimating feature mean/std from {datamodule.stats_utterances} training utterances")
+        model.normalizer.fit(model.log_mel(w[None], torch.tensor([len(w)]))[0][0] for w in datamodule.stats_waveforms())
+
+
 class SpeechRecognitionTask(PolyformerTask):
     """A CTC recognizer (Conformer or Transformer encoder) on waveform batches from LibriSpeechDataModule."""
 
@@ -83,13 +90,14 @@ class SpeechRecognitionTask(PolyformerTask):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if stage != "fit" or datamodule is None:
             return
+        if getattr(datamodule, "audio_folders", None):
+            raise ValueError(f"data.audio_folders {[str(f) for f in datamodule.audio_folders]}: audio without "
+                             f"transcripts cannot train a CTC recognizer; it serves self-supervised pre-training "
+                             f"(BestRQPretrainTask)")
         if not self.tokenizer.trained:
             rank_zero_info("training the SentencePiece unigram model on the training transcripts")
             self.tokenizer.train_from(datamodule.transcripts())
-        if not self.model.normalizer.fitted:
-            rank_zero_info(f"estimating feature mean/std from {datamodule.stats_utterances} training utterances")
-            self.model.normalizer.fit(
-                self.model.log_mel(w[None], torch.tensor([len(w)]))[0][0] for w in datamodule.stats_waveforms())
+        fit_normalizer(self.model, datamodule)
 
     def batch_size(self, batch: dict) -> int:
         return len(batch["transcripts"])
