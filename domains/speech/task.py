@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
-from polyformer.domains.speech.decoding import BeamSearchDecoder, greedy_decode
+from polyformer.domains.speech.decoding import BeamSearchDecoder, LexiconDecoder, greedy_decode
 from polyformer.domains.speech.frontend import padding_mask
 from polyformer.domains.speech.model import SpeechModelConfig, SpeechRecognizer
 from polyformer.domains.speech.tokens import BLANK, TokenizerConfig, make_tokenizer
@@ -44,12 +44,18 @@ def fit_normalizer(model: SpeechRecognizer, datamodule) -> None:
 class SpeechRecognitionTask(PolyformerTask):
     """A CTC recognizer (Conformer or Transformer encoder) on waveform batches from LibriSpeechDataModule."""
 
+    inference_fields = ("decoding", "beam_size", "lexicon", "lm", "lm_weight", "word_score")
+
     def __init__(
         self,
         model: SpeechModelConfig | None = None,
         tokenizer: TokenizerConfig | None = None,
-        decoding: Literal["greedy", "beam"] = "greedy",
+        decoding: Literal["greedy", "beam", "lexicon"] = "greedy",  # lexicon: words of `lexicon`, scored by `lm`
         beam_size: int = 20,
+        lexicon: str | None = None,  # word → tokens file for decoding='lexicon' (lm.py writes one)
+        lm: str | None = None,  # a word n-gram ARPA file for decoding='lexicon'; None: the lexicon alone
+        lm_weight: float = 2.0,
+        word_score: float = 0.0,
         optimizer: OptimizerConfig | None = None,
         init_from: str | None = None,
         finetune: FinetuneConfig | None = None,
@@ -63,8 +69,11 @@ class SpeechRecognitionTask(PolyformerTask):
         self.model_config = model or SpeechModelConfig()
         self.tokenizer = make_tokenizer(tokenizer or TokenizerConfig())
         self.model = SpeechRecognizer(self.model_config, self.tokenizer.num_classes)
+        if decoding == "lexicon" and lexicon is None:
+            raise ValueError("decoding='lexicon' needs a lexicon file (lexicon: <path>), found None")
         self.decoding, self.beam_size = decoding, beam_size
-        self._beam: BeamSearchDecoder | None = None
+        self.lexicon, self.lm, self.lm_weight, self.word_score = lexicon, lm, lm_weight, word_score
+        self._beam: BeamSearchDecoder | LexiconDecoder | None = None
         self.metrics = nn.ModuleDict()  # "<stage>_cer" / "<stage>_wer" (stage "val", "test/<split>"), made on first use
 
     def exportable(self) -> Exportable:
@@ -155,13 +164,17 @@ class SpeechRecognitionTask(PolyformerTask):
 
     # ---- decoding ---------------------------------------------------------------------------------------------
     def transcribe_log_probs(self, log_probs: Tensor, frames: Tensor) -> list[str]:
-        if self.decoding == "beam":
+        if self.decoding == "greedy":
+            ids = greedy_decode(log_probs, frames)
+        else:
             if self._beam is None:
                 tokens, separator = self.tokenizer.beam_tokens()
-                self._beam = BeamSearchDecoder(tokens, separator, self.beam_size)
+                self._beam = BeamSearchDecoder(tokens, separator, self.beam_size) if self.decoding == "beam" else \
+                    LexiconDecoder(tokens, separator, self.lexicon, self.lm, self.beam_size, self.lm_weight,
+                                   self.word_score)
+            if self.decoding == "lexicon":
+                return self._beam(log_probs, frames)
             ids = self._beam(log_probs, frames)
-        else:
-            ids = greedy_decode(log_probs, frames)
         return [" ".join(self.tokenizer.decode(h).split()) for h in ids]
 
     @torch.no_grad()

@@ -34,6 +34,8 @@ def pixel_boxes(target: dict[str, Tensor]) -> Tensor:
 class DetectionTask(PolyformerTask):
     """DETR trained with its set loss; mAP on val/test; predictions as JSON and pictures."""
 
+    inference_fields = ("score_threshold",)
+
     def __init__(self, detr: DETRConfig | None = None, optimizer: OptimizerConfig | None = None,
                  backbone_lr_scale: float = 0.1,  # DETR trains its backbone at a tenth of the rate
                  score_threshold: float = 0.5,  # predict: the detections drawn in the pictures

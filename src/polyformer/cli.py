@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from polyformer.faults import (AtomicCheckpointIO, CheckpointError, NonFiniteError, RankFaults, StopOnNonFinite,
                                load_weights, share_rank_faults)
-from polyformer.training import PolyformerTask, Throughput, load_checkpoint
+from polyformer.training import PolyformerTask, Throughput, import_class, load_checkpoint
 
 
 def version_numbers(run_dir: Path) -> list[int]:
@@ -126,6 +126,18 @@ class PolyformerCLI(LightningCLI):
         super().parse_arguments(parser, args)
         # LightningCLI reads hyper-parameters from an explicit --ckpt_path next: check the file first
         self.refuse_unreadable_checkpoint(self.subcommand_config().get("ckpt_path"))
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI lays an explicit --ckpt_path's hyper-parameters over the config and the command line; the
+        task's `inference_fields` keep the values the config and command line gave."""
+        model = self.subcommand_config().get("model")
+        init_args = model.get("init_args") if model is not None and model.get("class_path") else None
+        fields = import_class(model["class_path"]).inference_fields if init_args is not None else ()
+        given = {name: init_args.get(name) for name in fields if name in init_args}
+        super()._parse_ckpt_path()
+        init_args = self.subcommand_config()["model"].get("init_args") if given else None
+        for name, value in given.items():
+            init_args[name] = value
 
     def before_instantiate_classes(self) -> None:
         # resolved only now, after LightningCLI's reading of hyper-parameters from an explicit path: with `last`

@@ -175,6 +175,9 @@ class PolyformerTask(L.LightningModule):
 
     # ---- pre-trained weights -----------------------------------------------------------------------------------
     architecture_fields: tuple[str, ...] = ()  # hyper-parameters (e.g. "vit.dim") a pre-trained encoder must share
+    # hyper-parameters that say how to use a trained model (decoding, drawing), not what was trained: in `polyformer
+    # test / predict --ckpt_path`, the config and command line set them, not the checkpoint
+    inference_fields: tuple[str, ...] = ()
 
     def pretrained(self, source: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """(tensors, hyper-parameters) that `init_from` names, under this task's names or a bare model's; domains

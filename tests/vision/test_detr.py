@@ -91,7 +91,8 @@ def test_detection_cli_fits_tests_and_predicts(tmp_path, one_torch_thread):
     cli = PolyformerCLI(args=["test", *common, f"--ckpt_path={checkpoint}"])
     metrics = cli.trainer.callback_metrics
     assert {"test/map", "test/map50"} <= set(metrics) and 0 <= metrics["test/map50"] <= 1
-    PolyformerCLI(args=["predict", *common, f"--ckpt_path={checkpoint}"])
+    cli = PolyformerCLI(args=["predict", *common, f"--ckpt_path={checkpoint}", "--model.init_args.score_threshold=0.3"])
+    assert cli.model.score_threshold == 0.3  # the command line's, over the checkpoint's 0.0 (an inference field)
     out = next((tmp_path / "runs").rglob("predictions"))
     record = json.loads((out / "img.json").read_text())
     assert record["image"].endswith("img.jpg") and len(record["detections"]) == 5  # every query, best first
