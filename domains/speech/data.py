@@ -23,6 +23,7 @@ import lightning as L
 import soundfile as sf
 import torch
 import torch.distributed as dist
+import torchaudio
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -167,10 +168,14 @@ def read_audio_folder(folder: Path, *, sample_rate: int = 16_000, skip_bad: bool
 
 
 class SpeechDataset(Dataset):
-    """Decodes one utterance with soundfile: (float32 waveform (s,), transcript, id)."""
+    """Decodes one utterance with soundfile: (float32 waveform (s,), transcript, id). With `speed_factors`, each
+    decoding plays the audio at a factor drawn from them (Ko et al. 2015's speed perturbation: tempo and pitch
+    together, through torchaudio's resampling)."""
 
-    def __init__(self, utterances: list[Utterance], sample_rate: int = 16_000, skip_bad: bool = False):
+    def __init__(self, utterances: list[Utterance], sample_rate: int = 16_000, skip_bad: bool = False,
+                 speed_factors: list[float] | None = None):
         self.utterances, self.sample_rate, self.skip_bad = utterances, sample_rate, skip_bad
+        self.speed_factors = speed_factors
         self.skipped = 0
 
     def __len__(self) -> int:
@@ -189,7 +194,11 @@ class SpeechDataset(Dataset):
             return None
         if rate != self.sample_rate:
             raise BadAudio(f"{utterance.path}: expected {self.sample_rate} Hz audio, found {rate} Hz")
-        return torch.from_numpy(audio), utterance.transcript, utterance.id
+        waveform = torch.from_numpy(audio)
+        factor = random.choice(self.speed_factors) if self.speed_factors else 1.0
+        if factor != 1.0:
+            waveform = torchaudio.functional.speed(waveform[None], self.sample_rate, factor)[0][0]
+        return waveform, utterance.transcript, utterance.id
 
 
 def collate(items: list[tuple[Tensor, str, str] | None]) -> dict:
@@ -284,8 +293,11 @@ class LibriSpeechDataModule(L.LightningDataModule):
         stats_utterances: int = 500,  # training utterances the normalisation statistics are estimated from
         seed: int | None = None,  # batch order seed; default: the run's seed_everything
         audio_folders: list[str] | None = None,  # more training audio, without transcripts (self-supervised only)
+        speed_factors: list[float] | None = None,  # training speed perturbation, e.g. [0.9, 1.0, 1.1]
     ):
         super().__init__()
+        if speed_factors is not None and (not speed_factors or min(speed_factors) <= 0):
+            raise ValueError(f"speed_factors must be positive factors, found {speed_factors}")
         for field, value in (("max_duration", max_duration), ("batch_seconds", batch_seconds),
                              ("eval_batch_seconds", eval_batch_seconds), ("sample_rate", sample_rate),
                              ("num_buckets", num_buckets), ("stats_utterances", stats_utterances)):
@@ -303,6 +315,7 @@ class LibriSpeechDataModule(L.LightningDataModule):
         self.skip_bad, self.download, self.stats_utterances, self.seed = skip_bad, download, stats_utterances, seed
         self.mirror, self.checksums = mirror, checksums or {}
         self.audio_folders = [Path(folder) for folder in audio_folders or []]
+        self.speed_factors = speed_factors
         self.splits: dict[str, list[Utterance]] = {}
         self.train_set: list[Utterance] | None = None
 
@@ -356,16 +369,19 @@ class LibriSpeechDataModule(L.LightningDataModule):
             if item is not None:
                 yield item[0]
 
-    def _loader(self, utterances: list[Utterance], max_seconds: float, shuffle: bool) -> DataLoader:
-        durations = [u.duration for u in utterances]
+    def _loader(self, utterances: list[Utterance], max_seconds: float, shuffle: bool,
+                speed_factors: list[float] | None = None) -> DataLoader:
+        # batches are packed on the slowest factor's durations, so that perturbed audio stays under the cap
+        stretch = 1.0 / min(speed_factors) if speed_factors else 1.0
+        durations = [u.duration * stretch for u in utterances]
         sampler = DurationBatchSampler(durations, max(max_seconds, max(durations)), num_buckets=self.num_buckets,
                                        shuffle=shuffle, seed=self.seed)
-        return DataLoader(SpeechDataset(utterances, self.sample_rate, self.skip_bad), batch_sampler=sampler,
-                          collate_fn=collate, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        return DataLoader(SpeechDataset(utterances, self.sample_rate, self.skip_bad, speed_factors),
+                          batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_seconds, shuffle=True)
+        return self._loader(self.train_set, self.batch_seconds, shuffle=True, speed_factors=self.speed_factors)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_seconds, shuffle=False)

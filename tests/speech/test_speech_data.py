@@ -121,3 +121,26 @@ def test_evaluation_loaders_keep_every_utterance_even_over_max_duration(tiny_cor
         seen = sorted(i for batch in loader for i in batch["ids"])
         assert seen == expected and len(seen) > 0, split
         assert any(u.duration > 1.0 for u in read_split(tiny_corpus, split)), f"{split}: nothing over the cap"
+
+
+def test_speed_perturbation_changes_length_and_keeps_batches_under_the_cap(tiny_corpus):
+    import random
+
+    from polyformer.domains.speech import LibriSpeechDataModule
+
+    data = LibriSpeechDataModule(root=str(tiny_corpus), train_splits=["train"], val_splits=["dev"],
+                                 test_splits=["test"], batch_seconds=20.0, num_workers=0, speed_factors=[0.9, 1.1])
+    data.setup("fit")
+    loader = data.train_dataloader()
+    dataset, original = loader.dataset, loader.dataset.utterances[0]
+    random.seed(0)
+    lengths = {len(dataset[0][0]) for _ in range(12)}
+    samples = round(original.duration * 16000)
+    assert len(lengths) == 2  # both factors drawn in 12 decodings, neither the original length
+    slow, fast = max(lengths), min(lengths)
+    assert abs(slow - samples / 0.9) <= 1 and abs(fast - samples / 1.1) <= 1
+    for batch in loader:  # packed on durations / 0.9: perturbed audio stays under 20 s of padded samples
+        assert batch["waveforms"].numel() <= 20.0 * 16000
+    with pytest.raises(ValueError, match="speed_factors must be positive"):
+        LibriSpeechDataModule(speed_factors=[0.0, 1.0])
+    assert data.val_dataloader().dataset.speed_factors is None  # evaluation hears the audio as recorded
