@@ -1,6 +1,9 @@
 """Speech benchmark: training throughput against torchaudio's Conformer, and CER/WER of the tiny config.
 
     python scripts/bench_speech.py [--quick] [--json PATH] [--ckpt PATH]
+    python scripts/bench_speech.py --real [--quick] [--json PATH] [--recipes a,b,c,d] [--out DIR]
+
+--real runs issue 10's four recipes on real LibriSpeech instead (scripts/bench_speech_real.py says how).
 
 1. Throughput: seconds of audio per second of training (forward, CTC loss, backward, AdamW step) of the tiny
    config's recognizer with our Conformer and with `torchaudio.models.Conformer` of the same size in its place
@@ -179,7 +182,19 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--ckpt", type=str, default=None, help="test this tiny-config checkpoint on the benchmark corpus, no training")
     parser.add_argument("--skip-accuracy", action="store_true", help="throughput only")
+    parser.add_argument("--real", action="store_true", help="the recipes on real LibriSpeech (bench_speech_real.py)")
+    parser.add_argument("--recipes", default="a,b,c,d", help="--real: which recipes, comma-separated")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "speech_real", help="--real: runs and logs")
     args = parser.parse_args()
+    if args.real:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_speech_real import RECIPES, real_benchmark
+
+        recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+        if not recipes or set(recipes) - RECIPES.keys():
+            raise SystemExit(f"--recipes: expected some of {sorted(RECIPES)}, found {args.recipes!r}")
+        real_benchmark(args.out, recipes, args.quick, args.json)
+        return
     results = throughput(args.quick)
     print(json.dumps(results, indent=2), flush=True)
     if not args.skip_accuracy:

@@ -121,6 +121,15 @@ def test_freezing_keeps_loaded_weights_while_the_new_head_trains(tmp_path, finet
     assert not torch.equal(task.model.head.weight, head_before)
 
 
+def test_freezing_everything_that_was_loaded_is_refused(tmp_path):
+    source = SortingTask(vocab=6, encoder=ENCODER)
+    path = tmp_path / "whole.ckpt"
+    torch.save({"state_dict": source.state_dict()}, path)  # the head too: every parameter would be frozen
+    task = SortingTask(vocab=6, encoder=ENCODER, init_from=str(path), finetune=FinetuneConfig(freeze_steps=5))
+    with pytest.raises(ValueError, match="set every trainable parameter, so freezing .* leaves nothing to train"):
+        task.load_pretrained(str(path))
+
+
 def test_weights_only_checkpoint_keeps_hyper_parameters_and_fp32_weights(tmp_path):
     task = SortingTask(vocab=6, encoder=ENCODER)
     full = tmp_path / "full.ckpt"

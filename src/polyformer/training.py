@@ -192,6 +192,11 @@ class PolyformerTask(L.LightningModule):
         parameters = dict(self.named_parameters())
         self._loaded = [name for name in report.loaded if name in parameters]
         rank_zero_info(report.summary(source))
+        freezing = self.finetune.linear_probe or self.finetune.freeze_steps > 0
+        if freezing and len(self._loaded) == sum(p.requires_grad for p in parameters.values()):
+            raise ValueError(f"finetune: init_from {source} set every trainable parameter, so freezing the loaded ones "
+                             f"(freeze_steps={self.finetune.freeze_steps}, linear_probe={self.finetune.linear_probe})"
+                             f" leaves nothing to train; leave a head out (finetune.exclude) or do not freeze")
 
     def setup(self, stage: str) -> None:
         # initial weights when fitting only (a resumed run restores its checkpoint after setup, over these), so that
