@@ -14,10 +14,12 @@ predictions back to pixels.
 
 from __future__ import annotations
 
+import json
 import logging
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -151,6 +153,53 @@ def read_voc_split(root: Path, split: str, classes: list[str], *, skip_bad: bool
     return annotations
 
 
+def coco_categories(root: Path, split: str) -> list[str]:
+    path = root / "annotations" / f"instances_{split}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"split {split!r}: expected the COCO annotation file {path}, found none")
+    return [c["name"] for c in sorted(json.loads(path.read_text())["categories"], key=lambda c: c["id"])]
+
+
+def read_coco_split(root: Path, split: str, classes: list[str], *, skip_bad: bool = False) -> list[Annotation]:
+    """COCO's layout: root/annotations/instances_<split>.json and the images under root/<split>/. Crowd regions
+    (iscrowd) are left out of the boxes (DETR's practice), counted; other checks as for VOC, images decoded lazily."""
+    path = root / "annotations" / f"instances_{split}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"split {split!r}: expected the COCO annotation file {path}, found none")
+    data = json.loads(path.read_text())
+    names = {c["id"]: c["name"] for c in data.get("categories", [])}
+    unknown = sorted(set(names.values()) - set(classes))
+    if unknown:
+        raise ValueError(f"{path}: categories {unknown[:5]} are not among the configured classes")
+    boxes: dict[int, list] = {}
+    crowd, bad = 0, 0
+    for index, a in enumerate(data.get("annotations", [])):
+        if a.get("iscrowd"):
+            crowd += 1
+            continue
+        boxes.setdefault(a["image_id"], []).append((index, a))
+    annotations = []
+    for image in data.get("images", []):
+        width, height, kept, labels = image["width"], image["height"], [], []
+        for index, a in boxes.get(image["id"], []):
+            x, y, w, h = a["bbox"]
+            if w <= 0 or h <= 0 or x < 0 or y < 0 or x + w > width + 1 or y + h > height + 1:
+                if not skip_bad:
+                    raise BadAnnotation(f"{path}: annotation {index} (image {image['file_name']}): box {a['bbox']} "
+                                        f"is empty or outside the {width}×{height} image")
+                bad += 1
+                continue
+            kept.append((x, y, min(x + w, width), min(y + h, height)))
+            labels.append(classes.index(names[a["category_id"]]))
+        annotations.append(Annotation(root / split / image["file_name"], width, height,
+                                      np.array(kept, np.float32).reshape(-1, 4), np.array(labels, np.int64)))
+    log.info("split %r of %s: %d images, %d crowd regions left out, %d bad boxes left out", split, root,
+             len(annotations), crowd, bad)
+    if not annotations:
+        raise ValueError(f"split {split!r}: {path} lists no image")
+    return annotations
+
+
 def detection_transforms(train: bool, size: int, max_size: int, scale_range: tuple[float, float]) -> v2.Compose:
     """Train: flip, scale jitter of the shorter side in size·scale_range, a random crop of at least half of each side
     (boxes clipped, those left with no area dropped); eval: shorter side to `size`. Then ImageNet normalisation."""
@@ -206,11 +255,13 @@ def pad_batch(items: list[tuple[Tensor, dict[str, Tensor]]], size_divisor: int =
 
 
 class VOCDetectionDataModule(L.LightningDataModule):
-    """Train / val / test splits of a Pascal VOC-layout folder (default: the shared BCCD blood-cell images)."""
+    """Train / val / test splits of a Pascal VOC-layout folder (default: the shared BCCD blood-cell images), or of
+    COCO's layout with `layout: coco`."""
 
     def __init__(
         self,
-        root: str | None = None,  # the folder holding Annotations/, JPEGImages/, ImageSets/Main/
+        root: str | None = None,  # the folder holding Annotations/, JPEGImages/, ImageSets/Main/ (or COCO's)
+        layout: Literal["voc", "coco"] = "voc",
         classes: list[str] | None = None,  # default BCCD's: RBC, WBC, Platelets
         train_split: str = "train",
         val_split: str = "val",
@@ -229,9 +280,13 @@ class VOCDetectionDataModule(L.LightningDataModule):
                              f"max_size={max_size}")
         if not 0 < scale_range[0] <= scale_range[1]:
             raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, found {scale_range}")
+        if layout not in ("voc", "coco"):
+            raise ValueError(f"layout must be 'voc' or 'coco', found {layout!r}")
         self.root = Path(root) if root is not None else shared_data_dir() / "vision" / "bccd"
-        self.classes = list(classes or BCCD_CLASSES)
-        if len(set(self.classes)) != len(self.classes) or not self.classes:
+        self.layout = layout
+        # COCO without `classes`: its categories in id order, read when a split is
+        self.classes = list(classes or (BCCD_CLASSES if layout == "voc" else []))
+        if len(set(self.classes)) != len(self.classes) or (layout == "voc" and not self.classes):
             raise ValueError(f"classes must be distinct names, found {self.classes}")
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.image_size, self.max_size, self.scale_range = image_size, max_size, tuple(scale_range)
@@ -247,7 +302,10 @@ class VOCDetectionDataModule(L.LightningDataModule):
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for name in wanted.get(stage, ("train", "val", "test")):
             if name not in self.datasets:
-                annotations = read_voc_split(self.root, self.splits[name], self.classes, skip_bad=self.skip_bad)
+                if not self.classes:
+                    self.classes = coco_categories(self.root, self.splits[name])
+                read = read_voc_split if self.layout == "voc" else read_coco_split
+                annotations = read(self.root, self.splits[name], self.classes, skip_bad=self.skip_bad)
                 transform = detection_transforms(name == "train", self.image_size, self.max_size, self.scale_range)
                 self.datasets[name] = VOCDetectionDataset(annotations, transform)
 

@@ -51,6 +51,7 @@ class DETRConfig:
     num_classes: int = 91  # object classes, without "no object"
     backbone: Backbone = "resnet50"  # torchvision's ResNets (random init: nothing is downloaded) or swin.py's Swin
     backbone_stride: Literal[16, 32] = 32  # ResNets: stop after layer3 (16) or layer4 (32)
+    pretrained_backbone: bool = False  # ResNets: torchvision's ImageNet weights (downloaded: only when asked)
     swin: SwinConfig | None = None  # the Swin backbone's config (num_classes ignored); its last stage is read
     dim: int = 256
     heads: int = 8
@@ -97,9 +98,9 @@ def sine_positions_2d(padding_mask: Tensor, dim: int, temperature: float = 10000
 class ResNetBackbone(nn.Module):
     """torchvision's ResNet up to layer3 (stride 16) or layer4 (stride 32): (b 3 H W) → (b c h w)."""
 
-    def __init__(self, name: str, stride: int):
+    def __init__(self, name: str, stride: int, pretrained: bool = False):
         super().__init__()
-        resnet = getattr(torchvision.models, name)(weights=None)
+        resnet = getattr(torchvision.models, name)(weights="DEFAULT" if pretrained else None)
         layers = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3"] + (["layer4"] if stride == 32
                                                                                       else [])
         self.body = nn.Sequential(*[getattr(resnet, layer) for layer in layers])
@@ -143,7 +144,7 @@ class DETR(nn.Module):
         super().__init__()
         self.config = c = config
         self.backbone = SwinBackbone(c.swin or SwinConfig(num_classes=0)) if c.backbone == "swin" \
-            else ResNetBackbone(c.backbone, c.backbone_stride)
+            else ResNetBackbone(c.backbone, c.backbone_stride, c.pretrained_backbone)
         self.input_proj = nn.Conv2d(self.backbone.channels, c.dim, kernel_size=1)
         self.encoder = TransformerEncoder(c.transformer(c.encoder_depth))
         self.decoder = TransformerDecoder(c.transformer(c.decoder_depth))

@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision.ops import box_convert
 
 from polyformer.data import shared_data_dir
-from polyformer.domains.vision.detection_data import VOCDetectionDataModule, read_voc_split
+from polyformer.domains.vision.detection_data import VOCDetectionDataModule, read_coco_split, read_voc_split
 
 BCCD = Path(os.environ.get("POLYFORMER_BCCD_PATH", shared_data_dir() / "vision" / "bccd"))
 needs_bccd = pytest.mark.skipif(not (BCCD / "Annotations").is_dir(),
@@ -110,3 +110,27 @@ def test_missing_split_and_bad_settings(tmp_path):
         VOCDetectionDataModule(root=str(root), classes=["a", "a"])
     with pytest.raises(ValueError, match="expected 32 <= image_size <= max_size"):
         VOCDetectionDataModule(root=str(root), image_size=800, max_size=640)
+
+
+def test_coco_layout_reads_boxes_and_leaves_crowds_out(tmp_path):
+    import json as json_module
+
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "val2017").mkdir()
+    pixels = np.zeros((48, 64, 3), np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "val2017" / "a.jpg")
+    coco = {"images": [{"id": 7, "file_name": "a.jpg", "width": 64, "height": 48}],
+            "categories": [{"id": 3, "name": "dog"}, {"id": 1, "name": "cat"}],
+            "annotations": [{"image_id": 7, "bbox": [10, 20, 20, 24], "category_id": 3, "iscrowd": 0},
+                            {"image_id": 7, "bbox": [0, 0, 64, 48], "category_id": 1, "iscrowd": 1}]}
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json_module.dumps(coco))
+    data = VOCDetectionDataModule(root=str(tmp_path), layout="coco", val_split="val2017", test_split="val2017",
+                                  image_size=48, max_size=64, num_workers=0)
+    data.setup("test")
+    assert data.classes == ["cat", "dog"]  # category id order
+    (annotation,) = data.datasets["test"].annotations
+    assert annotation.boxes.tolist() == [[10, 20, 30, 44]] and annotation.labels.tolist() == [1]
+    coco["annotations"][0]["bbox"] = [60, 20, 20, 24]
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json_module.dumps(coco))
+    with pytest.raises(ValueError, match=r"annotation 0 \(image a.jpg\): box \[60, 20, 20, 24\] is empty or outside"):
+        read_coco_split(tmp_path, "val2017", ["cat", "dog"])

@@ -105,3 +105,16 @@ def test_detr_config_and_data_mismatch():
         DETRConfig(backbone="vgg")
     with pytest.raises(ValueError, match="divisible by 4"):
         sine_positions_2d(torch.zeros(1, 2, 2, dtype=torch.bool), 6)
+
+
+@pytest.mark.parametrize("name", ["detr_bccd", "detr_r50_coco"])
+def test_detection_configs_instantiate(name, tmp_path):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "vision" / f"{name}.yaml"
+    cli = PolyformerCLI(args=["-c", str(config), "--trainer.accelerator=cpu", "--trainer.devices=1",
+                              "--trainer.strategy=auto", "--trainer.precision=32-true",
+                              "--model.init_args.detr.pretrained_backbone=false", f"--run.root={tmp_path}"], run=False)
+    parameters = sum(p.numel() for p in cli.model.parameters())
+    low, high = {"detr_bccd": (3e6, 6.25e6), "detr_r50_coco": (3.5e7, 4.5e7)}[name]  # the paper's DETR-R50: 41 M
+    assert low < parameters < high  # BCCD: at most 25 MB of fp32 weights
