@@ -11,6 +11,11 @@ cost of class probability, L1 and generalised IoU of the boxes) and penalises: c
 unmatched ones toward "no object", down-weighted), L1 and generalised-IoU losses for the matched boxes — after every
 decoder layer (auxiliary losses), with the heads shared.
 
+`queries: anchor` is DAB-DETR's faster-converging decoder (Liu et al. 2022): each query is a learned box whose sine
+embedding, through a small MLP, gives the query position of every decoder layer, and every layer moves the boxes
+(its box head predicts an offset in logit space). Left out of DAB-DETR: the width/height-modulated attention and
+the content-conditioned scaling of the positions.
+
 Shapes: b batch, (H W) padded image, (h w) feature map, m = h·w tokens, d width, q queries, k classes (+1 no-object),
 L decoder layers, t ground-truth boxes of an image.
 """
@@ -60,6 +65,9 @@ class DETRConfig:
     mlp_ratio: float = 8.0  # DETR's 2048-wide feed-forward at width 256
     dropout: float = 0.1
     num_queries: int = 100
+    # learned: DETR's query embeddings; anchor: DAB-DETR's (Liu et al. 2022, https://arxiv.org/abs/2201.12329)
+    # learned boxes as queries, their sine embedding the query positions, each layer refining the boxes
+    queries: Literal["learned", "anchor"] = "learned"
     prenorm: bool = True  # DETR's normalize_before variant (pre-norm, a final norm on encoder and decoder)
     loss: DETRLossConfig = field(default_factory=DETRLossConfig)
 
@@ -69,6 +77,8 @@ class DETRConfig:
                              f"{self.num_queries}")
         if self.backbone not in ("resnet18", "resnet34", "resnet50", "swin"):
             raise ValueError(f"backbone must be resnet18, resnet34, resnet50 or swin, found {self.backbone!r}")
+        if self.queries not in ("learned", "anchor"):
+            raise ValueError(f"queries must be 'learned' or 'anchor', found {self.queries!r}")
 
     def transformer(self, depth: int) -> TransformerConfig:
         return TransformerConfig(dim=self.dim, depth=depth, heads=self.heads, mlp_ratio=self.mlp_ratio,
@@ -76,7 +86,14 @@ class DETRConfig:
                                  prenorm=self.prenorm, final_norm=True)
 
 
-def sine_positions_2d(padding_mask: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
+def sine_encode(angle: Tensor, channels: int, temperature: float = 10000.0) -> Tensor:
+    """(...) angles → (... channels): sines on even channels, cosines on odd, at geometric frequencies."""
+    frequencies = temperature ** (2 * (torch.arange(channels, device=angle.device) // 2) / channels)
+    phase = angle[..., None] / frequencies
+    return torch.stack((phase[..., 0::2].sin(), phase[..., 1::2].cos()), dim=-1).flatten(-2)
+
+
+def sine_positions_2d(padding_mask: Tensor, dim: int) -> Tensor:
     """DETR's 2-D sine positions: each real cell's row and column, counted over real cells and scaled to [0, 2π],
     each in dim/2 sine/cosine channels. padding_mask (b h w) True at padding → (b h w d)."""
     if dim % 4:
@@ -85,14 +102,14 @@ def sine_positions_2d(padding_mask: Tensor, dim: int, temperature: float = 10000
     rows, cols = real.cumsum(1), real.cumsum(2)
     rows = rows / (rows[:, -1:, :] + 1e-6) * 2 * math.pi
     cols = cols / (cols[:, :, -1:] + 1e-6) * 2 * math.pi
-    half = dim // 2
-    frequencies = temperature ** (2 * (torch.arange(half, device=padding_mask.device) // 2) / half)
+    return torch.cat((sine_encode(rows, dim // 2), sine_encode(cols, dim // 2)), dim=-1)
 
-    def encode(angle: Tensor) -> Tensor:  # (b h w) → (b h w half): sin on even channels, cos on odd
-        phase = angle[..., None] / frequencies
-        return torch.stack((phase[..., 0::2].sin(), phase[..., 1::2].cos()), dim=-1).flatten(-2)
 
-    return torch.cat((encode(rows), encode(cols)), dim=-1)
+def box_positions(boxes: Tensor, dim: int) -> Tensor:
+    """DAB-DETR's query positions before their MLP: (... 4) boxes (cx, cy, w, h) in [0, 1] → (... 2d), each
+    coordinate (× 2π) in d/2 sine/cosine channels, in the order (cy, cx, w, h) of the feature map's (rows, cols)."""
+    angles = boxes[..., [1, 0, 2, 3]] * 2 * math.pi
+    return torch.cat([sine_encode(angles[..., i], dim // 2) for i in range(4)], dim=-1)
 
 
 class ResNetBackbone(nn.Module):
@@ -123,17 +140,18 @@ class SwinBackbone(nn.Module):
         return rearrange(self.swin.norm(self.swin.stages(images)[-1]), "b h w c -> b c h w")
 
 
-class BoxHead(nn.Module):
-    """DETR's 3-layer MLP from a query's output to its box (cx, cy, w, h), sigmoid'd into [0, 1]."""
+class MLP(nn.Module):
+    """DETR's small MLPs (ReLU between layers): the box head (a query's output → its box in logit space, 3 layers)
+    and DAB-DETR's query-position head (2 layers)."""
 
-    def __init__(self, dim: int, layers: int = 3):
+    def __init__(self, sizes: list[int]):
         super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(dim, dim if i < layers - 1 else 4) for i in range(layers))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
 
     def forward(self, x: Tensor) -> Tensor:
         for i, layer in enumerate(self.layers):
             x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x.sigmoid()
+        return x
 
 
 class DETR(nn.Module):
@@ -148,9 +166,14 @@ class DETR(nn.Module):
         self.input_proj = nn.Conv2d(self.backbone.channels, c.dim, kernel_size=1)
         self.encoder = TransformerEncoder(c.transformer(c.encoder_depth))
         self.decoder = TransformerDecoder(c.transformer(c.decoder_depth))
-        self.query_embed = nn.Embedding(c.num_queries, c.dim)
         self.class_head = nn.Linear(c.dim, c.num_classes + 1)
-        self.box_head = BoxHead(c.dim)
+        self.box_head = MLP([c.dim, c.dim, c.dim, 4])
+        if c.queries == "learned":
+            self.query_embed = nn.Embedding(c.num_queries, c.dim)
+        else:  # boxes in logit space: centres spread over the image, sides a tenth of it
+            anchors = torch.cat((torch.rand(c.num_queries, 2), torch.full((c.num_queries, 2), 0.1)), dim=1)
+            self.anchors = nn.Parameter(torch.logit(anchors, eps=1e-4))
+            self.query_pos_head = MLP([2 * c.dim, c.dim, c.dim])
 
     def forward(self, images: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor]:
         features = self.input_proj(self.backbone(images))  # (b d h w)
@@ -158,10 +181,28 @@ class DETR(nn.Module):
         pos = rearrange(sine_positions_2d(mask, self.config.dim), "b h w d -> b (h w) d")
         tokens, mask = rearrange(features, "b d h w -> b (h w) d"), rearrange(mask, "b h w -> b (h w)")
         memory = self.encoder(tokens, key_padding_mask=mask, pos=pos)
+        if self.config.queries == "anchor":
+            return self.anchor_decoder(memory, mask, pos)
         queries = self.query_embed.weight.expand(images.shape[0], -1, -1)  # (b q d)
         outputs = self.decoder(torch.zeros_like(queries), memory, memory_padding_mask=mask, pos=queries,
                                memory_pos=pos, every_layer=True)  # (L b q d)
-        return self.class_head(outputs), self.box_head(outputs)
+        return self.class_head(outputs), self.box_head(outputs).sigmoid()
+
+    def anchor_decoder(self, memory: Tensor, mask: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """DAB-DETR's decoding: each core decoder block gets its query positions from the current boxes, then the
+        box head moves them (in logit space); the next layer starts from the moved boxes, without their gradient."""
+        boxes = self.anchors.sigmoid().expand(memory.shape[0], -1, -1)  # (b q 4)
+        x = memory.new_zeros(boxes.shape[:2] + (self.config.dim,))  # (b q d): content starts at zero
+        outputs, layer_boxes = [], []
+        for block in self.decoder.blocks:
+            query_pos = self.query_pos_head(box_positions(boxes, self.config.dim))
+            x = block(x, memory, memory_padding_mask=mask, pos=query_pos, memory_pos=pos)
+            out = self.decoder.norm(x)
+            refined = (torch.logit(boxes, eps=1e-4) + self.box_head(out)).sigmoid()
+            outputs.append(out)
+            layer_boxes.append(refined)
+            boxes = refined.detach()
+        return self.class_head(torch.stack(outputs)), torch.stack(layer_boxes)
 
 
 @torch.no_grad()

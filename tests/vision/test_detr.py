@@ -50,9 +50,10 @@ def test_sine_positions_ignore_padding():
     assert torch.allclose(pos[1, :, :3], alone[0])  # the real cells' positions do not see the padding
 
 
-def test_detr_overfits_one_image(one_torch_thread):
+@pytest.mark.parametrize("queries", ["learned", "anchor"])
+def test_detr_overfits_one_image(one_torch_thread, queries):
     torch.manual_seed(0)
-    model = DETR(tiny_detr())
+    model = DETR(tiny_detr(queries=queries))
     images = torch.randn(1, 3, 64, 64)
     images[:, :, 16:40, 8:32] += 3.0  # a bright square, where the box is
     padding = torch.zeros(1, 64, 64, dtype=torch.bool)
