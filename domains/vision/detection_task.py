@@ -18,7 +18,7 @@ from torchvision.utils import draw_bounding_boxes
 
 from polyformer.domains.vision.data import load_rgb
 from polyformer.domains.vision.detection_data import VOCDetectionDataModule
-from polyformer.domains.vision.detr import DETR, DETRConfig, detections, detr_loss
+from polyformer.domains.vision.detr import DETR, DETRConfig, denoising_loss, detections, detr_loss
 from polyformer.finetune import FinetuneConfig
 from polyformer.training import OptimizerConfig, PolyformerTask
 
@@ -61,12 +61,20 @@ class DetectionTask(PolyformerTask):
 
     def step(self, batch: Batch, stage: str) -> Tensor:
         images, padding, targets = batch
-        logits, boxes = self.model(images, padding)
+        denoised = None
+        if stage == "train" and self.detr_config.denoising_groups:
+            logits, boxes, denoised = self.model.forward_denoising(images, padding, targets)
+        else:
+            logits, boxes = self.model(images, padding)
         losses = detr_loss(logits, boxes, targets, self.detr_config.loss)
         on_epoch = stage != "train"
         for name in ("class", "l1", "giou"):
             self.log(f"{stage}/{name}", losses[name], on_step=not on_epoch, on_epoch=on_epoch,
                      batch_size=len(targets), sync_dist=on_epoch)
+        if denoised is not None:
+            reconstruction = denoising_loss(*denoised, self.detr_config.loss)
+            self.log("train/denoising", reconstruction["total"], batch_size=len(targets))
+            losses["total"] = losses["total"] + reconstruction["total"]
         if stage in self.map:
             predicted = detections(logits[-1], boxes[-1], torch.stack([t["orig_size"] for t in targets]))
             self.map[stage].update(predicted, [{"boxes": pixel_boxes(t), "labels": t["labels"]} for t in targets])

@@ -15,6 +15,9 @@ decoder layer (auxiliary losses), with the heads shared.
 embedding, through a small MLP, gives the query position of every decoder layer, and every layer moves the boxes
 (its box head predicts an offset in logit space). Left out of DAB-DETR: the width/height-modulated attention and
 the content-conditioned scaling of the positions.
+With `denoising_groups` (DN-DETR, Li et al. 2022), training adds groups of noised ground-truth boxes (the anchors)
+and labels (the content, through a label embedding) as extra queries, which learn to give back the truth without
+matching; an attention bias keeps the matching queries from seeing them and each group from seeing the others.
 
 Shapes: b batch, (H W) padded image, (h w) feature map, m = h·w tokens, d width, q queries, k classes (+1 no-object),
 L decoder layers, t ground-truth boxes of an image.
@@ -68,6 +71,11 @@ class DETRConfig:
     # learned: DETR's query embeddings; anchor: DAB-DETR's (Liu et al. 2022, https://arxiv.org/abs/2201.12329)
     # learned boxes as queries, their sine embedding the query positions, each layer refining the boxes
     queries: Literal["learned", "anchor"] = "learned"
+    # DN-DETR (Li et al. 2022, https://arxiv.org/abs/2203.01305), with anchor queries: in training, groups of noised
+    # ground-truth boxes and labels join the queries and learn to reconstruct the truth (no matching)
+    denoising_groups: int = 0
+    box_noise: float = 0.4  # centres move up to box_noise · half the side, sides scale by up to 1 ± box_noise
+    label_noise: float = 0.2  # the share of noised labels replaced by a random class
     prenorm: bool = True  # DETR's normalize_before variant (pre-norm, a final norm on encoder and decoder)
     loss: DETRLossConfig = field(default_factory=DETRLossConfig)
 
@@ -79,6 +87,9 @@ class DETRConfig:
             raise ValueError(f"backbone must be resnet18, resnet34, resnet50 or swin, found {self.backbone!r}")
         if self.queries not in ("learned", "anchor"):
             raise ValueError(f"queries must be 'learned' or 'anchor', found {self.queries!r}")
+        if self.denoising_groups < 0 or (self.denoising_groups and self.queries != "anchor"):
+            raise ValueError(f"denoising_groups must be >= 0 and needs queries='anchor' (its noised boxes are anchors), "
+                             f"found denoising_groups={self.denoising_groups}, queries={self.queries!r}")
 
     def transformer(self, depth: int) -> TransformerConfig:
         return TransformerConfig(dim=self.dim, depth=depth, heads=self.heads, mlp_ratio=self.mlp_ratio,
@@ -154,6 +165,48 @@ class MLP(nn.Module):
         return x
 
 
+@dataclass
+class Denoising:
+    """DN-DETR's extra queries for one batch: p = groups · t_max per image, padded where an image has fewer boxes."""
+
+    content: Tensor  # (b p d) embeddings of the noised labels
+    boxes: Tensor  # (b p 4) noised boxes: the queries' anchors
+    labels: Tensor  # (b p) the true labels to reconstruct
+    target_boxes: Tensor  # (b p 4) the true boxes
+    valid: Tensor  # (b p) False at padding
+    groups: int
+
+
+def make_denoising(targets: list[dict[str, Tensor]], config: DETRConfig, label_embed: nn.Embedding) -> Denoising | None:
+    """Noised copies of every image's ground truth, `config.denoising_groups` of them; None when no image has a box."""
+    most = max(len(t["labels"]) for t in targets)
+    if most == 0:
+        return None
+    groups, b, device = config.denoising_groups, len(targets), label_embed.weight.device
+    labels = torch.zeros(b, most, dtype=torch.long, device=device)
+    boxes = torch.full((b, most, 4), 0.5, device=device)
+    valid = torch.zeros(b, most, dtype=torch.bool, device=device)
+    for i, target in enumerate(targets):
+        n = len(target["labels"])
+        labels[i, :n], boxes[i, :n], valid[i, :n] = target["labels"], target["boxes"], True
+    labels, boxes, valid = (t.repeat(1, groups, *([1] * (t.ndim - 2))) for t in (labels, boxes, valid))
+    noised_labels = torch.where(torch.rand(labels.shape, device=device) < config.label_noise,
+                                torch.randint_like(labels, config.num_classes), labels)
+    scale = torch.cat((boxes[..., 2:] / 2, boxes[..., 2:]), dim=-1)  # (half w, half h, w, h)
+    noised = boxes + (torch.rand_like(boxes) * 2 - 1) * config.box_noise * scale
+    noised = torch.cat((noised[..., :2].clamp(0, 1), noised[..., 2:].clamp(1e-3, 1)), dim=-1)
+    return Denoising(label_embed(noised_labels), noised, labels, boxes, valid, groups)
+
+
+def denoising_bias(queries: int, dn: Denoising) -> Tensor:
+    """(q+p, q+p) self-attention bias: the matching queries never see the denoising ones, nor one group another."""
+    p = dn.boxes.shape[1]
+    size = p // dn.groups
+    group = torch.cat((torch.full((queries,), -1), torch.arange(p) // size)).to(dn.boxes.device)
+    blocked = (group[None, :] >= 0) & (group[:, None] != group[None, :])  # a key in a group other than the query's
+    return torch.zeros(blocked.shape, device=dn.boxes.device).masked_fill(blocked, float("-inf"))
+
+
 class DETR(nn.Module):
     """(b 3 H W) images and their (b H W) padding mask → logits (L b q k+1) and boxes (L b q 4), one per decoder
     layer (the last is the prediction)."""
@@ -174,13 +227,19 @@ class DETR(nn.Module):
             anchors = torch.cat((torch.rand(c.num_queries, 2), torch.full((c.num_queries, 2), 0.1)), dim=1)
             self.anchors = nn.Parameter(torch.logit(anchors, eps=1e-4))
             self.query_pos_head = MLP([2 * c.dim, c.dim, c.dim])
+        if c.denoising_groups:
+            self.label_embed = nn.Embedding(c.num_classes, c.dim)
 
-    def forward(self, images: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def encode(self, images: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(memory (b m d), its padding mask (b m), its positions (b m d))."""
         features = self.input_proj(self.backbone(images))  # (b d h w)
         mask = F.interpolate(padding_mask[:, None].float(), size=features.shape[-2:])[:, 0].bool()  # (b h w)
         pos = rearrange(sine_positions_2d(mask, self.config.dim), "b h w d -> b (h w) d")
         tokens, mask = rearrange(features, "b d h w -> b (h w) d"), rearrange(mask, "b h w -> b (h w)")
-        memory = self.encoder(tokens, key_padding_mask=mask, pos=pos)
+        return self.encoder(tokens, key_padding_mask=mask, pos=pos), mask, pos
+
+    def forward(self, images: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor]:
+        memory, mask, pos = self.encode(images, padding_mask)
         if self.config.queries == "anchor":
             return self.anchor_decoder(memory, mask, pos)
         queries = self.query_embed.weight.expand(images.shape[0], -1, -1)  # (b q d)
@@ -188,15 +247,35 @@ class DETR(nn.Module):
                                memory_pos=pos, every_layer=True)  # (L b q d)
         return self.class_head(outputs), self.box_head(outputs).sigmoid()
 
-    def anchor_decoder(self, memory: Tensor, mask: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_denoising(self, images: Tensor, padding_mask: Tensor, targets: list[dict[str, Tensor]]
+                          ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Denoising] | None]:
+        """Training with DN-DETR: the matching queries' (logits, boxes), as forward() gives them, and the denoising
+        queries' (logits (L b p k+1), boxes (L b p 4), their Denoising) — None when the batch has no box."""
+        memory, mask, pos = self.encode(images, padding_mask)
+        dn = make_denoising(targets, self.config, self.label_embed)
+        logits, boxes = self.anchor_decoder(memory, mask, pos, dn)
+        q = self.config.num_queries
+        if dn is None:
+            return logits, boxes, None
+        return logits[:, :, :q], boxes[:, :, :q], (logits[:, :, q:], boxes[:, :, q:], dn)
+
+    def anchor_decoder(self, memory: Tensor, mask: Tensor, pos: Tensor, dn: Denoising | None = None
+                       ) -> tuple[Tensor, Tensor]:
         """DAB-DETR's decoding: each core decoder block gets its query positions from the current boxes, then the
-        box head moves them (in logit space); the next layer starts from the moved boxes, without their gradient."""
+        box head moves them (in logit space); the next layer starts from the moved boxes, without their gradient.
+        With `dn`, its queries follow the matching ones (which cannot see them)."""
         boxes = self.anchors.sigmoid().expand(memory.shape[0], -1, -1)  # (b q 4)
         x = memory.new_zeros(boxes.shape[:2] + (self.config.dim,))  # (b q d): content starts at zero
+        padding = bias = None
+        if dn is not None:
+            padding = torch.cat((torch.zeros_like(boxes[..., 0], dtype=torch.bool), ~dn.valid), dim=1)
+            bias = denoising_bias(boxes.shape[1], dn)
+            boxes, x = torch.cat((boxes, dn.boxes), dim=1), torch.cat((x, dn.content), dim=1)
         outputs, layer_boxes = [], []
         for block in self.decoder.blocks:
             query_pos = self.query_pos_head(box_positions(boxes, self.config.dim))
-            x = block(x, memory, memory_padding_mask=mask, pos=query_pos, memory_pos=pos)
+            x = block(x, memory, key_padding_mask=padding, memory_padding_mask=mask, pos=query_pos, memory_pos=pos,
+                      attn_bias=bias)
             out = self.decoder.norm(x)
             refined = (torch.logit(boxes, eps=1e-4) + self.box_head(out)).sigmoid()
             outputs.append(out)
@@ -244,6 +323,24 @@ def detr_loss(logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]], l
         matched, truth = torch.cat(matched), torch.cat(truth)
         terms["l1"] = terms["l1"] + F.l1_loss(matched, truth, reduction="sum") / num_boxes
         giou = generalized_box_iou(box_convert(matched, "cxcywh", "xyxy"), box_convert(truth, "cxcywh", "xyxy"))
+        terms["giou"] = terms["giou"] + (1 - giou.diagonal()).sum() / num_boxes
+    terms["total"] = loss.class_weight * terms["class"] + loss.l1_weight * terms["l1"] + \
+        loss.giou_weight * terms["giou"]
+    return terms
+
+
+def denoising_loss(logits: Tensor, boxes: Tensor, dn: Denoising, loss: DETRLossConfig) -> dict[str, Tensor]:
+    """DN-DETR's reconstruction loss, summed over the layers: every real denoising query against the box it was
+    made from (no matching) — cross-entropy, L1 and GIoU, per ground-truth box and group; "total" weighted."""
+    valid = dn.valid
+    num_boxes = max(int(valid.sum()), 1)
+    terms = {"class": logits.new_zeros(()), "l1": logits.new_zeros(()), "giou": logits.new_zeros(())}
+    truth = dn.target_boxes[valid]
+    for layer in range(logits.shape[0]):
+        terms["class"] = terms["class"] + F.cross_entropy(logits[layer][valid], dn.labels[valid])
+        predicted = boxes[layer][valid]
+        terms["l1"] = terms["l1"] + F.l1_loss(predicted, truth, reduction="sum") / num_boxes
+        giou = generalized_box_iou(box_convert(predicted, "cxcywh", "xyxy"), box_convert(truth, "cxcywh", "xyxy"))
         terms["giou"] = terms["giou"] + (1 - giou.diagonal()).sum() / num_boxes
     terms["total"] = loss.class_weight * terms["class"] + loss.l1_weight * terms["l1"] + \
         loss.giou_weight * terms["giou"]

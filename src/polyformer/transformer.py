@@ -123,11 +123,14 @@ class TransformerBlock(nn.Module):
         query_index: slice | None = None,
         pos: Tensor | None = None,
         memory_pos: Tensor | None = None,
+        attn_bias: Tensor | None = None,
     ) -> Tensor:
         """x (b n d) → (b n d), or (b n' d) for the n' tokens that query_index selects (see MultiHeadAttention).
-        pos (b n d), memory_pos (b m d): added to attention's query and key inputs in this block (DETR)."""
+        pos (b n d), memory_pos (b m d): added to attention's query and key inputs in this block (DETR);
+        attn_bias: added to the self-attention scores (see MultiHeadAttention)."""
         x = self.residual(x, self.norm1, lambda h: self.attn(h, key_padding_mask=key_padding_mask, cache=cache,
-                                                             query_index=query_index, pos=pos), self.ls1, query_index)
+                                                             query_index=query_index, pos=pos, attn_bias=attn_bias),
+                          self.ls1, query_index)
         if memory is not None:
             x = self.residual(x, self.norm_cross,
                               lambda h: self.cross_attn(h, memory, key_padding_mask=memory_padding_mask, pos=pos,

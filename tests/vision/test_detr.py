@@ -10,8 +10,8 @@ import torch
 from torchvision.ops import box_iou, box_convert
 
 from polyformer.cli import PolyformerCLI
-from polyformer.domains.vision.detr import (DETR, DETRConfig, DETRLossConfig, detections, detr_loss,
-                                            hungarian_match, sine_positions_2d)
+from polyformer.domains.vision.detr import (DETR, DETRConfig, DETRLossConfig, denoising_bias, denoising_loss,
+                                            detections, detr_loss, hungarian_match, make_denoising, sine_positions_2d)
 from tests.vision.test_detection_data import annotation_xml, voc_folder
 
 
@@ -74,6 +74,37 @@ def test_detr_overfits_one_image(one_torch_thread, queries):
     best = found["scores"].argmax()
     iou = box_iou(found["boxes"][best][None], box_convert(truth * 64, "cxcywh", "xyxy"))
     assert iou.item() > 0.7 and found["scores"][best] > 0.5
+
+
+def test_denoising_queries_leave_the_matching_queries_untouched_and_learn(one_torch_thread):
+    torch.manual_seed(0)
+    model = DETR(tiny_detr(queries="anchor", denoising_groups=3, num_classes=2)).eval()
+    images, padding = torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool)
+    targets = [{"labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.2]])},
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    with torch.no_grad():
+        logits, boxes = model(images, padding)
+        dn_logits, dn_boxes, (extra_logits, extra_boxes, dn) = model.forward_denoising(images, padding, targets)
+    assert torch.allclose(logits, dn_logits, atol=1e-5) and torch.allclose(boxes, dn_boxes, atol=1e-5)
+    assert extra_boxes.shape == (2, 2, 6, 4) and dn.valid.tolist() == [[True] * 6, [True, False] * 3]
+    bias = denoising_bias(5, dn)
+    assert torch.isinf(bias[:5, 5:]).all() and (bias[:5, :5] == 0).all()  # matching never sees denoising
+    assert (bias[5:7, 5:7] == 0).all() and torch.isinf(bias[5:7, 7:]).all() and (bias[7:, :5] == 0).all()
+    assert make_denoising([{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}],
+                          model.config, model.label_embed) is None
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    first = None
+    for _ in range(60):
+        logits, boxes, denoised = model.forward_denoising(images, padding, targets)
+        loss = denoising_loss(*denoised, DETRLossConfig())["total"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < 0.6 * first  # the noised queries (fresh noise every step) learn to give back their boxes and labels
+    with pytest.raises(ValueError, match="denoising_groups must be >= 0 and needs queries='anchor'"):
+        DETRConfig(denoising_groups=2)
 
 
 def test_detection_cli_fits_tests_and_predicts(tmp_path, one_torch_thread):
