@@ -352,7 +352,7 @@ class LibriSpeechDataModule(L.LightningDataModule):
             self.train_utterances()
         if stage in (None, "fit", "validate"):
             self.val_set = [u for split in self.val_splits for u in self.utterances(split)]
-        if stage in (None, "test"):
+        if stage in (None, "test", "predict"):
             self.test_sets = [self.utterances(split) for split in self.test_splits]
 
     def transcripts(self) -> list[str]:
@@ -388,3 +388,7 @@ class LibriSpeechDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return [self._loader(s, self.eval_batch_seconds, shuffle=False) for s in self.test_sets]
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        """`polyformer predict` transcribes the test splits."""
+        return self.test_dataloader()

@@ -10,6 +10,7 @@ zeroed by zero_infinity, so the loss never becomes inf or NaN).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -182,3 +183,16 @@ class SpeechRecognitionTask(PolyformerTask):
         """Transcripts of (b s) 16 kHz waveforms with (b,) sample counts."""
         self.model.eval()
         return self.transcribe_log_probs(*self.model(waveforms.to(self.device), lengths.to(self.device)))
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, str]]:
+        """`polyformer predict`: each utterance's reference and hypothesis, printed side by side and appended to the
+        run's transcripts.tsv (id, reference, hypothesis)."""
+        rows = [{"id": i, "reference": r, "hypothesis": h} for i, r, h in
+                zip(batch["ids"], batch["transcripts"], self.transcribe(batch["waveforms"], batch["lengths"]))]
+        folder = Path(self.trainer.log_dir or ".")
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "transcripts.tsv", "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(f"{row['id']}\t{row['reference']}\t{row['hypothesis']}\n")
+                print(f"{row['id']}\n  reference:  {row['reference']}\n  hypothesis: {row['hypothesis']}", flush=True)
+        return rows

@@ -98,3 +98,28 @@ def test_decoding_is_chosen_at_test_time(tiny_corpus, tmp_path):
                               f"--model.init_args.lm={tmp_path / 'lm.arpa'}", "--trainer.limit_test_batches=1"])
     assert cli.model.decoding == "lexicon" and isinstance(cli.model._beam, LexiconDecoder)
     assert {"test/test/cer", "test/test/wer"} <= set(cli.trainer.callback_metrics)
+
+
+def test_predict_prints_and_writes_reference_and_hypothesis(tmp_path, capsys):
+    """The demo's path: `polyformer predict` on the three real utterances shipped in domains/speech/samples."""
+    import csv
+    import json
+
+    from polyformer.cli import PolyformerCLI
+
+    samples = Path(__file__).resolve().parents[2] / "domains" / "speech" / "samples"
+    model = {"class_path": "polyformer.domains.speech.SpeechRecognitionTask",
+             "init_args": {"model": {"subsampling_channels": 8, "conformer": {"dim": 32, "depth": 1, "heads": 2,
+                                                                             "kernel_size": 5}}}}
+    data = {"class_path": "polyformer.domains.speech.LibriSpeechDataModule",
+            "init_args": {"root": str(samples), "train_splits": ["dev"], "val_splits": ["dev"],
+                          "test_splits": ["dev"], "batch_seconds": 30.0, "num_workers": 0, "stats_utterances": 3}}
+    common = [f"--model={json.dumps(model)}", f"--data={json.dumps(data)}", f"--run.root={tmp_path}",
+              "--run.domain=speech", "--run.name=samples", "--trainer.enable_progress_bar=false"]
+    PolyformerCLI(args=["fit", *common, "--trainer.max_steps=1", "--trainer.limit_val_batches=0"])
+    checkpoint = next(tmp_path.rglob("last.ckpt"))
+    PolyformerCLI(args=["predict", *common, f"--ckpt_path={checkpoint}"])
+    rows = list(csv.reader(open(next(tmp_path.rglob("transcripts.tsv")), encoding="utf-8"), delimiter="\t"))
+    assert sorted(row[0] for row in rows) == ["4088-158079-0011", "4406-16883-0004", "4406-16883-0006"]
+    assert any(row[1] == "BY THE RIVERS OF BABYLON THERE WE SATE DOWN" for row in rows)
+    assert "reference:  BY THE RIVERS OF BABYLON" in capsys.readouterr().out
