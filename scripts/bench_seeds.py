@@ -16,7 +16,7 @@ Runs go --jobs at a time with one torch thread each; --reuse reads runs already 
 or metrics) instead of rerunning them. --quick: a few steps of everything (checks the script, not a result).
 
 --json: per figure a mean, its _std and _runs (seed → value): digits_val_acc (candidate → mean), digits_choice,
-digits_test_acc; cartpole_dt_return_500, cartpole_bc_return; halfcheetah_{medium,medium_replay}_dt_6000 and _12000
+digits_test_acc; cartpole_dt_return_500, cartpole_dt_spearman (target vs return), cartpole_bc_return; halfcheetah_{medium,medium_replay}_dt_6000 and _12000
 (D4RL-normalised), halfcheetah_{medium,medium_replay}_bc and halfcheetah_medium_replay_bc10 (normalised), with the
 steps each DT run reached (its max_time may stop it before 10,000).
 """
@@ -30,7 +30,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from polyformer.cli import newest_version, newest_with
+from scipy.stats import spearmanr
+
+from polyformer.cli import newest_with
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pretrain import QUICK, ROOT, finished, last_value, polyformer, run, write_json  # noqa: E402
@@ -130,6 +132,8 @@ def rl(runner: Runner, jobs: int) -> dict:
         if figure == "cartpole_dt":
             value = next(r["return_mean"] for r in rows if r["target"] == 500)
             figures.setdefault("cartpole_dt_return_500", {})[seed] = value
+            rho = spearmanr([r["target"] for r in rows], [r["return_mean"] for r in rows]).statistic
+            figures.setdefault("cartpole_dt_spearman", {})[seed] = float(rho)
         elif figure == "cartpole_bc":
             figures.setdefault("cartpole_bc_return", {})[seed] = rows[0]["return_mean"]
         elif figure.endswith("_dt"):
