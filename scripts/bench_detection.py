@@ -21,7 +21,6 @@ checkpoint, config, swin_timm_max_abs_diff.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -40,7 +39,7 @@ from polyformer.domains.vision.swin import SwinTransformer
 from polyformer.finetune import save_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pretrain import QUICK, ROOT, finished, last_value, polyformer, run, write_json  # noqa: E402
+from bench_pretrain import QUICK, ROOT, bench_parser, finished, last_value, polyformer, run, write_json  # noqa: E402
 
 CONFIG = ROOT / "configs" / "vision" / "detr_bccd.yaml"
 
@@ -145,12 +144,8 @@ def train_peer(minutes: float, quick: bool) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few batches of each side: checks the script only")
-    parser.add_argument("--json", type=Path, help="write the figures here")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "detection")
+    parser = bench_parser(__doc__.split("\n")[0], ROOT / "bench_out" / "detection")
     parser.add_argument("--minutes", type=float, default=60.0, help="training time of each side")
-    parser.add_argument("--reuse", action="store_true", help="read a DETR run already finished in --out")
     args = parser.parse_args()
     torch.set_num_threads(1)
     figures = {"swin_timm_max_abs_diff": swin_parity()}

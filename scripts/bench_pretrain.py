@@ -152,16 +152,22 @@ def timeseries_jobs(out: Path, weights: Path, seeds: list[int], quick: bool, reu
     return jobs
 
 
-def runs_parser(description: str, out: Path, domains: list[str]) -> argparse.ArgumentParser:
-    """The options of a benchmark made of `polyformer` runs (this one and bench_deploy.py)."""
+def bench_parser(description: str, out: Path) -> argparse.ArgumentParser:
+    """The options every benchmark made of `polyformer` runs takes: --quick, --json, --out, --reuse."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="a few batches of everything: checks the script only")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--out", type=Path, default=out, help="runs, logs and what the runs write")
+    parser.add_argument("--reuse", action="store_true", help="read runs already finished in --out instead of rerunning")
+    return parser
+
+
+def runs_parser(description: str, out: Path, domains: list[str]) -> argparse.ArgumentParser:
+    """bench_parser's options, and --jobs, --seeds, --domains (this benchmark and bench_deploy.py)."""
+    parser = bench_parser(description, out)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one torch thread each)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--domains", nargs="+", default=domains, choices=domains)
-    parser.add_argument("--reuse", action="store_true", help="read runs already finished in --out instead of rerunning")
     return parser
 
 

@@ -16,14 +16,13 @@ Runs go --jobs at a time with one torch thread each; --reuse reads runs already 
 or metrics) instead of rerunning them. --quick: a few steps of everything (checks the script, not a result).
 
 --json: per figure a mean, its _std and _runs (seed → value): digits_val_acc (candidate → mean), digits_choice,
-digits_test_acc; cartpole_dt_return_500, cartpole_dt_spearman (target vs return), cartpole_bc_return; halfcheetah_{medium,medium_replay}_dt_6000 and _12000
-(D4RL-normalised), halfcheetah_{medium,medium_replay}_bc and halfcheetah_medium_replay_bc10 (normalised), with the
+digits_test_acc; cartpole_dt_return_500, cartpole_dt_spearman (target vs return), cartpole_bc_return;
+halfcheetah_{medium,medium_replay}_dt_6000 and _12000 (D4RL-normalised), halfcheetah_{medium,medium_replay}_bc and halfcheetah_medium_replay_bc10 (normalised), with the
 steps each DT run reached (its max_time may stop it before 10,000).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -35,7 +34,7 @@ from scipy.stats import spearmanr
 from polyformer.cli import newest_with
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pretrain import QUICK, ROOT, finished, last_value, polyformer, run, write_json  # noqa: E402
+from bench_pretrain import QUICK, ROOT, bench_parser, finished, last_value, polyformer, run, write_json  # noqa: E402
 
 DIGITS = ROOT / "configs" / "vision" / "vit_tiny_digits.yaml"
 AUGMENT = {"shift": [], "full": ["--data.init_args.max_rotation=10", "--data.init_args.max_scale=0.1"]}
@@ -147,12 +146,8 @@ def rl(runner: Runner, jobs: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few steps of everything: checks the script only")
-    parser.add_argument("--json", type=Path, help="write the figures here")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "seeds")
+    parser = bench_parser(__doc__.split("\n")[0], ROOT / "bench_out" / "seeds")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one torch thread each)")
-    parser.add_argument("--reuse", action="store_true", help="read runs already finished in --out")
     parser.add_argument("--parts", nargs="+", default=["digits", "rl"], choices=["digits", "rl"])
     args = parser.parse_args()
     runner = Runner(args.out, args.quick, args.reuse)

@@ -320,10 +320,18 @@ def detr_loss(logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]], l
             matched.append(boxes[layer, i, queries])
             truth.append(target["boxes"][indices])
         terms["class"] = terms["class"] + F.cross_entropy(logits[layer].transpose(1, 2), wanted, class_weights)
-        matched, truth = torch.cat(matched), torch.cat(truth)
-        terms["l1"] = terms["l1"] + F.l1_loss(matched, truth, reduction="sum") / num_boxes
-        giou = generalized_box_iou(box_convert(matched, "cxcywh", "xyxy"), box_convert(truth, "cxcywh", "xyxy"))
-        terms["giou"] = terms["giou"] + (1 - giou.diagonal()).sum() / num_boxes
+        add_box_terms(terms, torch.cat(matched), torch.cat(truth), num_boxes)
+    return with_total(terms, loss)
+
+
+def add_box_terms(terms: dict[str, Tensor], predicted: Tensor, truth: Tensor, num_boxes: int) -> None:
+    """Adds one layer's L1 and generalised-IoU losses of predicted vs true (n 4) boxes, per ground-truth box."""
+    terms["l1"] = terms["l1"] + F.l1_loss(predicted, truth, reduction="sum") / num_boxes
+    giou = generalized_box_iou(box_convert(predicted, "cxcywh", "xyxy"), box_convert(truth, "cxcywh", "xyxy"))
+    terms["giou"] = terms["giou"] + (1 - giou.diagonal()).sum() / num_boxes
+
+
+def with_total(terms: dict[str, Tensor], loss: DETRLossConfig) -> dict[str, Tensor]:
     terms["total"] = loss.class_weight * terms["class"] + loss.l1_weight * terms["l1"] + \
         loss.giou_weight * terms["giou"]
     return terms
@@ -338,13 +346,8 @@ def denoising_loss(logits: Tensor, boxes: Tensor, dn: Denoising, loss: DETRLossC
     truth = dn.target_boxes[valid]
     for layer in range(logits.shape[0]):
         terms["class"] = terms["class"] + F.cross_entropy(logits[layer][valid], dn.labels[valid])
-        predicted = boxes[layer][valid]
-        terms["l1"] = terms["l1"] + F.l1_loss(predicted, truth, reduction="sum") / num_boxes
-        giou = generalized_box_iou(box_convert(predicted, "cxcywh", "xyxy"), box_convert(truth, "cxcywh", "xyxy"))
-        terms["giou"] = terms["giou"] + (1 - giou.diagonal()).sum() / num_boxes
-    terms["total"] = loss.class_weight * terms["class"] + loss.l1_weight * terms["l1"] + \
-        loss.giou_weight * terms["giou"]
-    return terms
+        add_box_terms(terms, boxes[layer][valid], truth, num_boxes)
+    return with_total(terms, loss)
 
 
 def detections(logits: Tensor, boxes: Tensor, sizes: Tensor) -> list[dict[str, Tensor]]:

@@ -4,6 +4,8 @@ test time over a checkpoint's training-time setting."""
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 from pathlib import Path
 
@@ -73,26 +75,31 @@ def test_lexicon_and_language_model_correct_a_misspelt_word(tmp_path):
         LexiconDecoder(tokens, separator, str(tmp_path / "lexicon.txt"), str(tmp_path / "missing.arpa"))
 
 
-def test_decoding_is_chosen_at_test_time(tiny_corpus, tmp_path):
-    """A checkpoint trained with greedy decoding is tested with the lexicon and LM the command line names."""
+def fitted_tiny_cli(root: Path, split: str, runs: Path) -> tuple[list[str], Path]:
+    """The command-line arguments of a tiny recognizer on `root`'s `split` (train, val and test alike but train when
+    `root` has one), and the checkpoint of one training step with them."""
     from polyformer.cli import PolyformerCLI
-    from tests.speech.test_speech_task import tiny_model
 
-    (tmp_path / "lm.arpa").write_text(witten_bell_arpa(SENTENCES, 2))
-    (tmp_path / "lexicon.txt").write_text("\n".join(lexicon_lines({w for s in SENTENCES for w in s})) + "\n")
     model = {"class_path": "polyformer.domains.speech.SpeechRecognitionTask",
              "init_args": {"model": {"subsampling_channels": 8, "conformer": {"dim": 32, "depth": 1, "heads": 2,
                                                                              "kernel_size": 5}}}}
-    assert tiny_model().conformer.dim == 32
+    train = "train" if (root / "LibriSpeech" / "train").is_dir() else split
     data = {"class_path": "polyformer.domains.speech.LibriSpeechDataModule",
-            "init_args": {"root": str(tiny_corpus), "train_splits": ["train"], "val_splits": ["dev"],
-                          "test_splits": ["test"], "batch_seconds": 30.0, "num_workers": 0, "stats_utterances": 8}}
-    import json
-
-    common = [f"--model={json.dumps(model)}", f"--data={json.dumps(data)}", f"--run.root={tmp_path / 'runs'}",
-              "--run.domain=speech", "--run.name=lm", "--trainer.enable_progress_bar=false"]
+            "init_args": {"root": str(root), "train_splits": [train], "val_splits": [split], "test_splits": [split],
+                          "batch_seconds": 30.0, "num_workers": 0, "stats_utterances": 3}}
+    common = [f"--model={json.dumps(model)}", f"--data={json.dumps(data)}", f"--run.root={runs}",
+              "--run.domain=speech", "--run.name=tiny", "--trainer.enable_progress_bar=false"]
     PolyformerCLI(args=["fit", *common, "--trainer.max_steps=1", "--trainer.limit_val_batches=0"])
-    checkpoint = next((tmp_path / "runs").rglob("last.ckpt"))
+    return common, next(runs.rglob("last.ckpt"))
+
+
+def test_decoding_is_chosen_at_test_time(tiny_corpus, tmp_path):
+    """A checkpoint trained with greedy decoding is tested with the lexicon and LM the command line names."""
+    from polyformer.cli import PolyformerCLI
+
+    (tmp_path / "lm.arpa").write_text(witten_bell_arpa(SENTENCES, 2))
+    (tmp_path / "lexicon.txt").write_text("\n".join(lexicon_lines({w for s in SENTENCES for w in s})) + "\n")
+    common, checkpoint = fitted_tiny_cli(tiny_corpus, "test", tmp_path / "runs")
     cli = PolyformerCLI(args=["test", *common, f"--ckpt_path={checkpoint}", "--model.init_args.decoding=lexicon",
                               f"--model.init_args.lexicon={tmp_path / 'lexicon.txt'}",
                               f"--model.init_args.lm={tmp_path / 'lm.arpa'}", "--trainer.limit_test_batches=1"])
@@ -102,22 +109,10 @@ def test_decoding_is_chosen_at_test_time(tiny_corpus, tmp_path):
 
 def test_predict_prints_and_writes_reference_and_hypothesis(tmp_path, capsys):
     """The demo's path: `polyformer predict` on the three real utterances shipped in domains/speech/samples."""
-    import csv
-    import json
-
     from polyformer.cli import PolyformerCLI
 
     samples = Path(__file__).resolve().parents[2] / "domains" / "speech" / "samples"
-    model = {"class_path": "polyformer.domains.speech.SpeechRecognitionTask",
-             "init_args": {"model": {"subsampling_channels": 8, "conformer": {"dim": 32, "depth": 1, "heads": 2,
-                                                                             "kernel_size": 5}}}}
-    data = {"class_path": "polyformer.domains.speech.LibriSpeechDataModule",
-            "init_args": {"root": str(samples), "train_splits": ["dev"], "val_splits": ["dev"],
-                          "test_splits": ["dev"], "batch_seconds": 30.0, "num_workers": 0, "stats_utterances": 3}}
-    common = [f"--model={json.dumps(model)}", f"--data={json.dumps(data)}", f"--run.root={tmp_path}",
-              "--run.domain=speech", "--run.name=samples", "--trainer.enable_progress_bar=false"]
-    PolyformerCLI(args=["fit", *common, "--trainer.max_steps=1", "--trainer.limit_val_batches=0"])
-    checkpoint = next(tmp_path.rglob("last.ckpt"))
+    common, checkpoint = fitted_tiny_cli(samples, "dev", tmp_path)
     PolyformerCLI(args=["predict", *common, f"--ckpt_path={checkpoint}"])
     rows = list(csv.reader(open(next(tmp_path.rglob("transcripts.tsv")), encoding="utf-8"), delimiter="\t"))
     assert sorted(row[0] for row in rows) == ["4088-158079-0011", "4406-16883-0004", "4406-16883-0006"]
