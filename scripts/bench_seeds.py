@@ -17,7 +17,8 @@ or metrics) instead of rerunning them. --quick: a few steps of everything (check
 
 --json: per figure a mean, its _std and _runs (seed → value): digits_val_acc (candidate → mean), digits_choice,
 digits_test_acc; cartpole_dt_return_500, cartpole_dt_spearman (target vs return), cartpole_bc_return;
-halfcheetah_{medium,medium_replay}_dt_6000 and _12000 (D4RL-normalised), halfcheetah_{medium,medium_replay}_bc and halfcheetah_medium_replay_bc10 (normalised), with the
+halfcheetah_{medium,medium_replay}_dt_6000 and _12000 (D4RL-normalised), halfcheetah_{medium,medium_replay}_bc
+and halfcheetah_medium_replay_bc10 (normalised), with the
 steps each DT run reached (its max_time may stop it before 10,000).
 """
 

@@ -80,7 +80,8 @@ class Pipeline:
         if name == "synthetic":
             return self.fit(name, "conformer_ctc_tiny_synthetic.yaml", synthetic)
         if name == "bestrq":
-            folders = f"[{shared_data_dir() / 'speech' / 'librispeech-unlabelled'}, {self.corpus / 'LibriSpeech' / 'train'}]"
+            unlabelled = shared_data_dir() / "speech" / "librispeech-unlabelled"
+            folders = f"[{unlabelled}, {self.corpus / 'LibriSpeech' / 'train'}]"
             return self.fit(name, "bestrq_tiny_real.yaml", [f"--data.init_args.root={REAL}",
                                                             f"--data.init_args.audio_folders={folders}"])
         if name == "bestrq_synthetic":
