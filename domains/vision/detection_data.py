@@ -153,21 +153,17 @@ def read_voc_split(root: Path, split: str, classes: list[str], *, skip_bad: bool
     return annotations
 
 
-def coco_categories(root: Path, split: str) -> list[str]:
-    path = root / "annotations" / f"instances_{split}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"split {split!r}: expected the COCO annotation file {path}, found none")
-    return [c["name"] for c in sorted(json.loads(path.read_text())["categories"], key=lambda c: c["id"])]
-
-
-def read_coco_split(root: Path, split: str, classes: list[str], *, skip_bad: bool = False) -> list[Annotation]:
-    """COCO's layout: root/annotations/instances_<split>.json and the images under root/<split>/. Crowd regions
-    (iscrowd) are left out of the boxes (DETR's practice), counted; other checks as for VOC, images decoded lazily."""
+def read_coco_split(root: Path, split: str, classes: list[str] | None, *, skip_bad: bool = False
+                    ) -> tuple[list[Annotation], list[str]]:
+    """COCO's layout: root/annotations/instances_<split>.json and the images under root/<split>/; returns the images'
+    annotations and the classes (without `classes`, the file's categories in id order). Crowd regions (iscrowd) are
+    left out of the boxes (DETR's practice), counted; other checks as for VOC, images decoded lazily."""
     path = root / "annotations" / f"instances_{split}.json"
     if not path.is_file():
         raise FileNotFoundError(f"split {split!r}: expected the COCO annotation file {path}, found none")
     data = json.loads(path.read_text())
     names = {c["id"]: c["name"] for c in data.get("categories", [])}
+    classes = classes or [names[i] for i in sorted(names)]
     unknown = sorted(set(names.values()) - set(classes))
     if unknown:
         raise ValueError(f"{path}: categories {unknown[:5]} are not among the configured classes")
@@ -197,7 +193,7 @@ def read_coco_split(root: Path, split: str, classes: list[str], *, skip_bad: boo
              len(annotations), crowd, bad)
     if not annotations:
         raise ValueError(f"split {split!r}: {path} lists no image")
-    return annotations
+    return annotations, classes
 
 
 def detection_transforms(train: bool, size: int, max_size: int, scale_range: tuple[float, float]) -> v2.Compose:
@@ -284,7 +280,7 @@ class VOCDetectionDataModule(L.LightningDataModule):
             raise ValueError(f"layout must be 'voc' or 'coco', found {layout!r}")
         self.root = Path(root) if root is not None else shared_data_dir() / "vision" / "bccd"
         self.layout = layout
-        # COCO without `classes`: its categories in id order, read when a split is
+        # COCO without `classes`: the annotation file's categories in id order, read with the first split
         self.classes = list(classes or (BCCD_CLASSES if layout == "voc" else []))
         if len(set(self.classes)) != len(self.classes) or (layout == "voc" and not self.classes):
             raise ValueError(f"classes must be distinct names, found {self.classes}")
@@ -302,10 +298,11 @@ class VOCDetectionDataModule(L.LightningDataModule):
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for name in wanted.get(stage, ("train", "val", "test")):
             if name not in self.datasets:
-                if not self.classes:
-                    self.classes = coco_categories(self.root, self.splits[name])
-                read = read_voc_split if self.layout == "voc" else read_coco_split
-                annotations = read(self.root, self.splits[name], self.classes, skip_bad=self.skip_bad)
+                if self.layout == "voc":
+                    annotations = read_voc_split(self.root, self.splits[name], self.classes, skip_bad=self.skip_bad)
+                else:
+                    annotations, self.classes = read_coco_split(self.root, self.splits[name], self.classes or None,
+                                                                skip_bad=self.skip_bad)
                 transform = detection_transforms(name == "train", self.image_size, self.max_size, self.scale_range)
                 self.datasets[name] = VOCDetectionDataset(annotations, transform)
 
