@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from polyformer.cli import newest_version
+from polyformer.cli import newest_version, version_numbers
 from polyformer.finetune import save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,18 +62,22 @@ def run(command: list[str], log: Path) -> float:
 
 
 def last_value(run_dir: Path, name: str) -> float:
-    """The last logged value of a metric in the newest version of a run."""
-    value = None
-    with (newest_version(run_dir) / "metrics.csv").open() as f:
-        for row in csv.DictReader(f):
-            value = row.get(name) or value
-    if value is None:
-        raise SystemExit(f"{name} not logged in {newest_version(run_dir)}")
-    return float(value)
+    """The last logged value of a metric in the newest version of a run that logged it (a fit's validation metrics
+    sit in an older version than the test run of its checkpoint)."""
+    for version in reversed(version_numbers(run_dir)):
+        value = None
+        metrics = run_dir / f"version_{version}" / "metrics.csv"
+        if metrics.is_file():
+            with metrics.open() as f:
+                for row in csv.DictReader(f):
+                    value = row.get(name) or value
+        if value is not None:
+            return float(value)
+    raise SystemExit(f"{name} not logged in any version under {run_dir}")
 
 
 def finished(run_dir: Path, name: str) -> float | None:
-    """The metric of a run already finished (its newest version logged it), else None."""
+    """The metric of a run already finished (a version logged it), else None."""
     try:
         return last_value(run_dir, name)
     except (FileNotFoundError, SystemExit):

@@ -1,6 +1,7 @@
 """Headline figures over seeds, every choice made on validation data (issue 11).
 
-    python scripts/bench_seeds.py [--quick] [--json PATH] [--out DIR] [--jobs 2] [--reuse] [--parts digits rl]
+    python scripts/bench_seeds.py [--quick] [--json PATH] [--out DIR] [--jobs 2] [--reuse]
+                                  [--parts digits rl timeseries speech]
 
 digits — the schedule and augmentation chosen again, on validation data: 120 or 240 epochs × ±1-pixel shifts alone
    ("shift") or with ±10° rotations and 10 % scaling ("full"), seeds 0, 1, 2, `configs/vision/vit_tiny_digits.yaml`.
@@ -12,14 +13,18 @@ rl — CartPole: `dt_cartpole.yaml` and `bc_cartpole.yaml`, seeds 0, 1, 2 (evalu
    fixed on seed 0 (the README's history lists the recipes tried there); it is reported on the fresh seeds 1, 2, 3,
    as CORL does. Behaviour cloning (`bc_halfcheetah_medium.yaml`: CORL's BC recipe) on both datasets and the DT
    paper's 10 %BC (`top_fraction: 0.1`) on medium-replay, seeds 1, 2, 3, recipe fixed before any was run.
+timeseries — ETTh1, `patchtst_etth1_{96,192,336,720}.yaml` as written (8 epochs), seeds 0, 1, 2; each run's
+   best-validation checkpoint tested once (MSE and MAE over every test window).
+speech — `conformer_ctc_tiny_synthetic.yaml` (50 epochs, last checkpoint: no selection) on seeds 1 and 2, tested on
+   the corpus's test and held-out-voice splits; seed 0 is the config's own run (bench_speech.json, 2 threads).
 Runs go --jobs at a time with one torch thread each; --reuse reads runs already finished in DIR (a fit's eval.json
 or metrics) instead of rerunning them. --quick: a few steps of everything (checks the script, not a result).
 
 --json: per figure a mean, its _std and _runs (seed → value): digits_val_acc (candidate → mean), digits_choice,
 digits_test_acc; cartpole_dt_return_500, cartpole_dt_spearman (target vs return), cartpole_bc_return;
 halfcheetah_{medium,medium_replay}_dt_6000 and _12000 (D4RL-normalised), halfcheetah_{medium,medium_replay}_bc
-and halfcheetah_medium_replay_bc10 (normalised), with the
-steps each DT run reached (its max_time may stop it before 10,000).
+and halfcheetah_medium_replay_bc10 (normalised), with the steps each DT run reached (its max_time may stop it before
+10,000); etth1_{H}_mse and _mae; speech_{test,heldout}_{cer,wer}.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ from bench_pretrain import QUICK, ROOT, bench_parser, finished, last_value, poly
 DIGITS = ROOT / "configs" / "vision" / "vit_tiny_digits.yaml"
 AUGMENT = {"shift": [], "full": ["--data.init_args.max_rotation=10", "--data.init_args.max_scale=0.1"]}
 DIGITS_SEEDS, CARTPOLE_SEEDS, CHEETAH_SEEDS = (0, 1, 2), (0, 1, 2), (1, 2, 3)
+HORIZONS, ETTH1_SEEDS, SPEECH_SEEDS = (96, 192, 336, 720), (0, 1, 2), (1, 2)
+SPEECH_SEED0 = ROOT / "domains" / "speech" / "results" / "bench_speech.json"
 VAL_IMAGES = 180
 
 
@@ -54,14 +61,27 @@ class Runner:
         self.out, self.quick, self.reuse = out, quick, reuse
 
     def fit(self, config: Path, name: str, extra: list[str], done: str) -> Path:
-        """`polyformer fit` unless --reuse finds `done` (a file or a metric) in the run; returns the run folder."""
+        """`polyformer fit` unless --reuse finds `done` (a file such as eval.json or checkpoints/best.ckpt, or a
+        metric of the newest version) in the run; returns the run folder."""
         run_dir = self.out / "runs" / config.parent.name / name
-        found = newest_with(run_dir, done) if done.endswith(".json") else finished(run_dir, done)
+        found = newest_with(run_dir, done) if Path(done).suffix else finished(run_dir, done)
         if not (self.reuse and found is not None):
-            where = [f"--run.root={self.out / 'runs'}", f"--run.name={name}", "--trainer.enable_progress_bar=false"]
-            run(polyformer("fit", "-c", str(config), *where, *extra, *(QUICK if self.quick else [])),
+            run(polyformer("fit", "-c", str(config), *self.where(name), *extra, *(QUICK if self.quick else [])),
                 self.out / "logs" / f"{name}.fit.log")
         return run_dir
+
+    def test(self, config: Path, name: str, checkpoint: str, extra: list[str], metrics: list[str]) -> dict:
+        """`polyformer test` of the run's `checkpoint` (e.g. checkpoints/best.ckpt), once: --reuse reads the newest
+        version's `metrics` when it logged them. Returns metric → value."""
+        run_dir = self.out / "runs" / config.parent.name / name
+        if not (self.reuse and finished(run_dir, metrics[0]) is not None):
+            checkpoint_path = newest_with(run_dir, checkpoint)
+            run(polyformer("test", "-c", str(config), *self.where(name), f"--ckpt_path={checkpoint_path}", *extra,
+                           *(QUICK if self.quick else [])), self.out / "logs" / f"{name}.test.log")
+        return {metric: last_value(run_dir, metric) for metric in metrics}
+
+    def where(self, name: str) -> list[str]:
+        return [f"--run.root={self.out / 'runs'}", f"--run.name={name}", "--trainer.enable_progress_bar=false"]
 
 
 def eval_rows(run_dir: Path) -> list[dict]:
@@ -85,17 +105,10 @@ def digits(runner: Runner, jobs: int) -> dict:
     # candidates within one validation image of the best; the cheapest wins (fewer epochs, then fewer augmentations)
     close = [key for key in candidates if val_means[key] > best - 1 / VAL_IMAGES]
     choice = min(close, key=lambda key: (candidates[key][0], candidates[key][1] != "shift"))
-    test = {}
-    for seed in DIGITS_SEEDS:
-        name = f"digits_{choice}_seed{seed}"
-        run_dir = runner.out / "runs" / "vision" / name
-        checkpoint = newest_with(run_dir, "checkpoints/last.ckpt")
-        if not (runner.reuse and finished(run_dir, "test/acc1") is not None):
-            epochs, augment = candidates[choice]
-            where = [f"--run.root={runner.out / 'runs'}", f"--run.name={name}"]
-            run(polyformer("test", "-c", str(DIGITS), *where, f"--ckpt_path={checkpoint}",
-                           f"--seed_everything={seed}", *AUGMENT[augment]), runner.out / "logs" / f"{name}.test.log")
-        test[seed] = last_value(run_dir, "test/acc1")
+    augment = AUGMENT[candidates[choice][1]]
+    test = {seed: runner.test(DIGITS, f"digits_{choice}_seed{seed}", "checkpoints/last.ckpt",
+                              [f"--seed_everything={seed}", *augment], ["test/acc1"])["test/acc1"]
+            for seed in DIGITS_SEEDS}
     return {"digits_val_acc": val_means,
             "digits_val_acc_runs": {key: {s: val[(key, s)] for s in DIGITS_SEEDS} for key in candidates},
             "digits_choice": choice, "digits_test_acc": mean_std(test)}
@@ -146,20 +159,69 @@ def rl(runner: Runner, jobs: int) -> dict:
     return {name: (mean_std(runs) if not name.endswith("_steps") else runs) for name, runs in figures.items()}
 
 
+def timeseries(runner: Runner, jobs: int) -> dict:
+    """ETTh1 at every horizon: `patchtst_etth1_{H}.yaml` as written (8 epochs), its best-validation checkpoint
+    tested once."""
+    def fit_and_test(job: tuple[int, int]) -> tuple[tuple[int, int], dict]:
+        horizon, seed = job
+        name = f"patchtst_etth1_{horizon}_seed{seed}"
+        config = ROOT / "configs" / "timeseries" / f"patchtst_etth1_{horizon}.yaml"
+        seeded = [f"--seed_everything={seed}"]
+        runner.fit(config, name, seeded, "checkpoints/best.ckpt")
+        return job, runner.test(config, name, "checkpoints/best.ckpt", seeded, ["test/mse", "test/mae"])
+
+    with ThreadPoolExecutor(jobs) as pool:
+        done = dict(pool.map(fit_and_test, [(h, s) for h in HORIZONS for s in ETTH1_SEEDS]))
+    figures = {}
+    for horizon in HORIZONS:
+        for metric in ("mse", "mae"):
+            runs = {seed: done[(horizon, seed)][f"test/{metric}"] for seed in ETTH1_SEEDS}
+            figures[f"etth1_{horizon}_{metric}"] = mean_std(runs)
+    return figures
+
+
+def speech(runner: Runner, jobs: int) -> dict:
+    """Synthetic speech: `conformer_ctc_tiny_synthetic.yaml` (50 epochs, last checkpoint) on seeds 1 and 2 here, with
+    no wall-clock cap (one torch thread each takes ~2x the 2-thread run's 20 minutes); seed 0 is the config's own run,
+    measured by bench_speech.py into domains/speech/results/bench_speech.json."""
+    config = ROOT / "configs" / "speech" / "conformer_ctc_tiny_synthetic.yaml"
+    corpus = ROOT / "data" / "synthetic_librispeech"
+    if not (corpus / "LibriSpeech" / "train").is_dir():  # made as the config's header says
+        run([sys.executable, "scripts/make_synthetic_librispeech.py", "--out", str(corpus), "--train-minutes", "80",
+             "--dev", "200", "--test", "300", "--heldout", "300", "--seed", "0"], runner.out / "logs" / "corpus.log")
+
+    def fit_and_test(seed: int) -> tuple[int, dict]:
+        name, seeded = f"conformer_ctc_tiny_synthetic_seed{seed}", [f"--seed_everything={seed}"]
+        runner.fit(config, name, [*seeded, "--trainer.max_time=null"], "checkpoints/last.ckpt")
+        return seed, runner.test(config, name, "checkpoints/last.ckpt", seeded,
+                                 ["test/test/cer", "test/test/wer", "test/heldout/cer", "test/heldout/wer"])
+
+    with ThreadPoolExecutor(jobs) as pool:
+        done = dict(pool.map(fit_and_test, SPEECH_SEEDS))
+    seed0 = json.loads(SPEECH_SEED0.read_text())
+    done[0] = {"test/test/cer": seed0["test_cer"], "test/test/wer": seed0["test_wer"],
+               "test/heldout/cer": seed0["heldout_voice_cer"], "test/heldout/wer": seed0["heldout_voice_wer"]}
+    names = {"speech_test_cer": "test/test/cer", "speech_test_wer": "test/test/wer",
+             "speech_heldout_cer": "test/heldout/cer", "speech_heldout_wer": "test/heldout/wer"}
+    figures = {figure: mean_std({seed: done[seed][metric] for seed in sorted(done)})
+               for figure, metric in names.items()}
+    return {**figures, "speech_seed0_source": str(SPEECH_SEED0.relative_to(ROOT))}
+
+
 def main() -> None:
     parser = bench_parser(__doc__.split("\n")[0], ROOT / "bench_out" / "seeds")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one torch thread each)")
-    parser.add_argument("--parts", nargs="+", default=["digits", "rl"], choices=["digits", "rl"])
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
     args = parser.parse_args()
     runner = Runner(args.out, args.quick, args.reuse)
     figures = {"quick": args.quick}
-    if "digits" in args.parts:
-        figures.update(digits(runner, args.jobs))
-    if "rl" in args.parts:
-        figures.update(rl(runner, args.jobs))
+    for part in args.parts:
+        figures.update(PARTS[part](runner, args.jobs))
     print(json.dumps(figures, indent=1))
     write_json(args.json, figures)
 
+
+PARTS = {"digits": digits, "rl": rl, "timeseries": timeseries, "speech": speech}
 
 if __name__ == "__main__":
     main()
