@@ -17,7 +17,8 @@ Both sides run at once, one torch thread each (a core each on the 2-core machine
 (checks the script, not a result). --reuse: a DETR run already finished in DIR is read instead of rerun.
 
 --json writes val_map50, val_map (DETR), peer_val_map50, peer_val_map, train_minutes (DETR's fit), peer_minutes,
-checkpoint, config, swin_timm_max_abs_diff.
+checkpoint, config, swin_timm_max_abs_diff; and, since the best of several evaluations on val flatters both sides,
+each side's last evaluation too (val_map50_last, val_map_last, peer_val_map50_last, peer_val_map_last).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def train_detr(out: Path, minutes: float, quick: bool, reuse: bool) -> dict:
         digest = save_weights(best, out / "weights" / "detr_bccd.ckpt")
         print(f"{out / 'weights' / 'detr_bccd.ckpt'}: sha256 {digest}", flush=True)
     return {"val_map50": last_value(run_dir, "test/map50"), "val_map": last_value(run_dir, "test/map"),
+            "val_map50_last": last_value(run_dir, "val/map50"), "val_map_last": last_value(run_dir, "val/map"),
             "train_minutes": json.loads(record.read_text())["minutes"]}
 
 
@@ -152,7 +154,8 @@ def train_peer(minutes: float, quick: bool) -> dict:
     if quick and not history:  # --quick checks the evaluation too
         history.append({"epoch": epochs, **evaluate_peer(model, data, quick)})
         best = history[-1]
-    return {"peer_val_map50": best["map50"], "peer_val_map": best["map"], "peer_epochs": epochs,
+    return {"peer_val_map50": best["map50"], "peer_val_map": best["map"], "peer_val_map50_last": history[-1]["map50"],
+            "peer_val_map_last": history[-1]["map"], "peer_epochs": epochs,
             "peer_steps": steps, "peer_minutes": (time.perf_counter() - start) / 60, "peer_history": history}
 
 
