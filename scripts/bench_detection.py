@@ -14,7 +14,8 @@ Swin backbone's parity with timm.
    (the config's check_val_every_n_epoch), the best reported (as DETR's best validation checkpoint is). Like
    Lightning's max_time, the clock stops training mid-epoch; the last evaluation is the last scheduled one.
 Both sides run at once, one torch thread each (a core each on the 2-core machine). --quick: a few batches of each
-(checks the script, not a result). --reuse: a DETR run already finished in DIR is read instead of rerun.
+(checks the script, not a result). --reuse: a side already finished in DIR (DETR's run, the peer's DIR/peer.json) is
+read instead of rerun.
 
 --json writes val_map50, val_map (DETR), peer_val_map50, peer_val_map, train_minutes (DETR's fit), peer_minutes,
 checkpoint, config, swin_timm_max_abs_diff; and, since the best of several evaluations on val flatters both sides,
@@ -168,7 +169,11 @@ def main() -> None:
     print(f"Swin vs timm: max |logit difference| {figures['swin_timm_max_abs_diff']:.2e}", flush=True)
     with ThreadPoolExecutor(1) as pool:  # DETR's fit is a subprocess; the peer trains here meanwhile
         detr = pool.submit(train_detr, args.out, args.minutes, args.quick, args.reuse)
-        figures.update(train_peer(args.minutes, args.quick))
+        peer_record = args.out / "peer.json"
+        if not (args.reuse and peer_record.is_file()):
+            peer_record.parent.mkdir(parents=True, exist_ok=True)
+            peer_record.write_text(json.dumps(train_peer(args.minutes, args.quick), indent=1) + "\n")
+        figures.update(json.loads(peer_record.read_text()))
         figures.update(detr.result())
     figures.update({"checkpoint": "weights/vision/detr_bccd.ckpt", "config": str(CONFIG.relative_to(ROOT)),
                     "quick": args.quick})
