@@ -1,6 +1,6 @@
 """Issue 10's recipes on real LibriSpeech, end to end (run through `python scripts/bench_speech.py --real`).
 
-    python scripts/bench_speech.py --real [--quick] [--json PATH] [--recipes a,b,c,d] [--out DIR]
+    python scripts/bench_speech.py --real [--quick] [--json PATH] [--recipes a,b,c,d] [--out DIR] [--reuse]
 
 Stages, each a `polyformer fit` whose minutes count toward every recipe that uses it:
 - synthetic: configs/speech/conformer_ctc_tiny_synthetic.yaml on data/synthetic_librispeech (made when missing);
@@ -15,12 +15,15 @@ below the top (layer-wise decay). Each recipe's last checkpoint is tested on the
 and WER with beam search over a lexicon with a 3-gram Witten–Bell language model (lm.py) estimated on the fortunes
 sentences and the real training transcripts — no dev transcript among them (checked).
 --quick: a small synthetic corpus and a few batches of every stage (checks the script, not a result).
+--reuse: stages already fitted in DIR (their DIR/stages/<name>.json) are read, not refitted, so the recipes can run
+over several sittings or side by side (`--recipes b` and `--recipes c` in two processes, then all four with --reuse).
 --json: real_dev_cer, real_dev_wer, real_dev_wer_lm, real_train_minutes (dicts recipe → value), best_recipe (lowest
 dev CER), best_checkpoint, best_config; the best recipe's checkpoint is written weights-only to DIR/weights/.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -55,8 +58,8 @@ def language_model(out: Path) -> tuple[Path, Path]:
 
 
 class Pipeline:
-    def __init__(self, out: Path, quick: bool):
-        self.out, self.quick, self.minutes = out, quick, {}
+    def __init__(self, out: Path, quick: bool, reuse: bool = False):
+        self.out, self.quick, self.reuse, self.minutes = out, quick, reuse, {}
         self.limits = QUICK if quick else []
         self.corpus = out / "synthetic_corpus" if quick else ROOT / "data" / "synthetic_librispeech"
         if not (self.corpus / "LibriSpeech" / "train").is_dir():
@@ -66,14 +69,22 @@ class Pipeline:
                  *size, "--seed", "0"], out / "logs" / "corpus.log")
 
     def fit(self, name: str, config: str, extra: list[str]) -> Path:
-        """A `polyformer fit` (once per stage name); returns its last checkpoint and records its minutes."""
-        run_dir = self.out / "runs" / "speech" / name
+        """A `polyformer fit` (once per stage name; with --reuse, a stage whose record DIR/stages/<name>.json exists
+        is read instead); returns its last checkpoint and records its minutes."""
+        record = self.out / "stages" / f"{name}.json"
+        if name not in self.minutes and self.reuse and record.is_file():
+            stage = json.loads(record.read_text())
+            print(f"reusing stage {name}: {stage['checkpoint']} ({stage['minutes']:.1f} min)", flush=True)
+            self.minutes[name] = stage["minutes"]
         if name not in self.minutes:
             where = [f"--run.root={self.out / 'runs'}", "--run.domain=speech", f"--run.name={name}"]
             seconds = run(polyformer("fit", "-c", str(CONFIGS / config), *where, *extra, *self.limits),
                           self.out / "logs" / f"{name}.fit.log")
             self.minutes[name] = seconds / 60
-        return newest_version(run_dir) / "checkpoints" / "last.ckpt"
+            checkpoint = newest_version(self.out / "runs" / "speech" / name) / "checkpoints" / "last.ckpt"
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"minutes": seconds / 60, "checkpoint": str(checkpoint)}) + "\n")
+        return Path(json.loads(record.read_text())["checkpoint"])
 
     def stage(self, name: str) -> Path:
         synthetic = [f"--data.init_args.root={self.corpus}"]
@@ -109,8 +120,8 @@ class Pipeline:
         return last_value(run_dir, "test/dev/cer"), last_value(run_dir, "test/dev/wer")
 
 
-def real_benchmark(out: Path, recipes: list[str], quick: bool, json_path: Path | None) -> dict:
-    pipeline = Pipeline(out, quick)
+def real_benchmark(out: Path, recipes: list[str], quick: bool, json_path: Path | None, reuse: bool = False) -> dict:
+    pipeline = Pipeline(out, quick, reuse)
     lm, lexicon = language_model(out / "lm")
     lm_decoding = ["--model.init_args.decoding=lexicon", f"--model.init_args.lexicon={lexicon}",
                    f"--model.init_args.lm={lm}", "--model.init_args.beam_size=50"]
