@@ -12,7 +12,8 @@ Swin backbone's parity with timm.
    weights on either side — trained on the same training images, augmentation and resolution (the same data
    module) for the same wall time, with the same single torch thread; its val mAP measured as often as DETR's
    (the config's check_val_every_n_epoch), the best reported (as DETR's best validation checkpoint is). Like
-   Lightning's max_time, the clock stops training mid-epoch; the last evaluation is the last scheduled one.
+   Lightning's max_time, the clock stops training mid-epoch, and an epoch it cuts short still ends with its
+   evaluation when one is scheduled.
 Both sides run at once, one torch thread each (a core each on the 2-core machine). --quick: a few batches of each
 (checks the script, not a result). --reuse: a side already finished in DIR (DETR's run, the peer's DIR/peer.json) is
 read instead of rerun.
@@ -135,6 +136,7 @@ def train_peer(minutes: float, quick: bool) -> dict:
     start, best, epochs, steps, history = time.perf_counter(), {"map50": 0.0, "map": 0.0}, 0, 0, []
     out_of_time = False
     while not out_of_time:
+        batches = 0
         for index, (images, padding, targets) in enumerate(data.train_dataloader()):
             if out_of_time := time.perf_counter() - start >= minutes * 60 or (quick and index == 3):
                 break
@@ -144,17 +146,16 @@ def train_peer(minutes: float, quick: bool) -> dict:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
             optimizer.step()
-            steps += 1
-        else:
-            epochs += 1
-            if epochs % every == 0:
-                scores = {"epoch": epochs, **evaluate_peer(model, data, quick)}
-                history.append(scores)
-                best = max(best, scores, key=lambda s: s["map50"])
-                print(f"peer epoch {epochs}: val mAP@.5 {scores['map50']:.3f}, mAP {scores['map']:.3f}", flush=True)
-    if quick and not history:  # --quick checks the evaluation too
-        history.append({"epoch": epochs, **evaluate_peer(model, data, quick)})
-        best = history[-1]
+            steps, batches = steps + 1, batches + 1
+        # an epoch the clock cuts short still ends with its scheduled evaluation, as under Lightning's max_time
+        # (and a run too short for any scheduled one is evaluated once at the end)
+        scheduled = (not out_of_time or batches) and (epochs + 1) % every == 0
+        if scheduled or (out_of_time and not history):
+            scores = {"epoch": epochs + 1, **evaluate_peer(model, data, quick)}
+            history.append(scores)
+            best = max(best, scores, key=lambda s: s["map50"])
+            print(f"peer epoch {epochs + 1}: val mAP@.5 {scores['map50']:.3f}, mAP {scores['map']:.3f}", flush=True)
+        epochs += 0 if out_of_time else 1
     return {"peer_val_map50": best["map50"], "peer_val_map": best["map"], "peer_val_map50_last": history[-1]["map50"],
             "peer_val_map_last": history[-1]["map"], "peer_epochs": epochs,
             "peer_steps": steps, "peer_minutes": (time.perf_counter() - start) / 60, "peer_history": history}
