@@ -197,7 +197,8 @@ def main() -> None:
     figures: dict = {"pretrain_minutes": {domain: round(minutes, 2) for domain, (_, minutes) in pretrained.items()},
                      "seeds": args.seeds, "quick": args.quick}
     print(f"\n{'what':<40}{'mean':>10}{'std':>10}   per seed")
-    for (domain, setting, start) in sorted({key[:3] for key in results}, key=lambda k: (k[0], str(k[1]).zfill(4), k[2])):
+    for (domain, setting, start) in sorted({key[:3] for key in results},
+                                           key=lambda k: (k[0], str(k[1]).zfill(4), k[2])):
         runs = {seed: results[domain, setting, start, seed] for seed in args.seeds}
         mean, std = summarise(runs)
         print(f"{f'{domain} {setting} {start}':<40}{mean:>10.4f}{std:>10.4f}   "

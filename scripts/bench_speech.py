@@ -153,7 +153,8 @@ def accuracy(quick: bool, ckpt: str | None, workdir: Path) -> dict:
     else:
         corpus = ROOT / "data" / "synthetic_librispeech"
         if not (corpus / "LibriSpeech" / "train").is_dir():
-            run([sys.executable, "scripts/make_synthetic_librispeech.py", "--out", str(corpus), "--train-minutes", "80"])
+            run([sys.executable, "scripts/make_synthetic_librispeech.py", "--out", str(corpus),
+                 "--train-minutes", "80"])
         overrides = ["--data.init_args.root", str(corpus)]
     runs_root = workdir / "runs" if quick else ROOT / "runs"  # a full run's checkpoint is kept
     runs = ["--run.root", str(runs_root), "--run.name", "bench"]
@@ -180,7 +181,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few timing steps, tiny corpus, one short epoch")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    parser.add_argument("--ckpt", type=str, default=None, help="test this tiny-config checkpoint on the benchmark corpus, no training")
+    parser.add_argument("--ckpt", type=str, default=None,
+                        help="test this tiny-config checkpoint on the benchmark corpus, no training")
     parser.add_argument("--skip-accuracy", action="store_true", help="throughput only")
     parser.add_argument("--real", action="store_true", help="the recipes on real LibriSpeech (bench_speech_real.py)")
     parser.add_argument("--recipes", default="a,b,c,d", help="--real: which recipes, comma-separated")
