@@ -1,0 +1,33 @@
+"""The committed weights: each file under weights/ is listed in weights/README.md with its sha256, and loads
+weights-only (hyper-parameters + state dict, no optimizer or loop state)."""
+
+import hashlib
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+FILES = sorted(WEIGHTS.rglob("*.ckpt"))
+LISTED = dict(re.findall(r"^\| `([^`]+\.ckpt)` \|.*?\| `([0-9a-f]{64})` \|", (WEIGHTS / "README.md").read_text(),
+                         flags=re.MULTILINE))
+
+
+def test_every_listed_file_exists():
+    assert FILES, f"no .ckpt files under {WEIGHTS}"
+    missing = sorted(set(LISTED) - {str(path.relative_to(WEIGHTS)) for path in FILES})
+    assert not missing, f"weights/README.md lists files that are not there: {missing}"
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda path: str(path.relative_to(WEIGHTS)))
+def test_weights_are_listed_with_their_sha256_and_load_weights_only(path):
+    name = str(path.relative_to(WEIGHTS))
+    assert name in LISTED, f"{name} is not listed (with its sha256) in weights/README.md"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == LISTED[name], f"{name}: sha256 differs from the README's"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    assert set(checkpoint) >= {"state_dict", "hyper_parameters"}, f"{name}: keys {sorted(checkpoint)}"
+    assert not set(checkpoint) & {"optimizer_states", "loops", "lr_schedulers"}, f"{name}: training state kept"
+    assert all(tensor.dtype == torch.float32 for tensor in checkpoint["state_dict"].values()
+               if tensor.is_floating_point()), f"{name}: not fp32"
+    assert path.stat().st_size <= 25 * 2**20, f"{name}: over 25 MB"
