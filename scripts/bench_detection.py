@@ -149,8 +149,7 @@ def train_peer(minutes: float, quick: bool) -> dict:
             steps, batches = steps + 1, batches + 1
         # an epoch the clock cuts short still ends with its scheduled evaluation, as under Lightning's max_time
         # (and a run too short for any scheduled one is evaluated once at the end)
-        scheduled = (not out_of_time or batches) and (epochs + 1) % every == 0
-        if scheduled or (out_of_time and not history):
+        if batches and (epochs + 1) % every == 0 or (out_of_time and not history):
             scores = {"epoch": epochs + 1, **evaluate_peer(model, data, quick)}
             history.append(scores)
             best = max(best, scores, key=lambda s: s["map50"])

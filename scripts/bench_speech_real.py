@@ -59,7 +59,8 @@ def language_model(out: Path) -> tuple[Path, Path]:
 
 class Pipeline:
     def __init__(self, out: Path, quick: bool, reuse: bool = False):
-        self.out, self.quick, self.reuse, self.minutes = out, quick, reuse, {}
+        self.out, self.quick, self.reuse = out, quick, reuse
+        self.stages: dict[str, dict] = {}  # stage name → its minutes and last checkpoint
         self.limits = QUICK if quick else []
         self.corpus = out / "synthetic_corpus" if quick else ROOT / "data" / "synthetic_librispeech"
         if not (self.corpus / "LibriSpeech" / "train").is_dir():
@@ -72,19 +73,19 @@ class Pipeline:
         """A `polyformer fit` (once per stage name; with --reuse, a stage whose record DIR/stages/<name>.json exists
         is read instead); returns its last checkpoint and records its minutes."""
         record = self.out / "stages" / f"{name}.json"
-        if name not in self.minutes and self.reuse and record.is_file():
-            stage = json.loads(record.read_text())
-            print(f"reusing stage {name}: {stage['checkpoint']} ({stage['minutes']:.1f} min)", flush=True)
-            self.minutes[name] = stage["minutes"]
-        if name not in self.minutes:
+        if name not in self.stages and self.reuse and record.is_file():
+            self.stages[name] = json.loads(record.read_text())
+            print(f"reusing stage {name}: {self.stages[name]['checkpoint']} ({self.stages[name]['minutes']:.1f} min)",
+                  flush=True)
+        if name not in self.stages:
             where = [f"--run.root={self.out / 'runs'}", "--run.domain=speech", f"--run.name={name}"]
             seconds = run(polyformer("fit", "-c", str(CONFIGS / config), *where, *extra, *self.limits),
                           self.out / "logs" / f"{name}.fit.log")
-            self.minutes[name] = seconds / 60
             checkpoint = newest_version(self.out / "runs" / "speech" / name) / "checkpoints" / "last.ckpt"
+            self.stages[name] = {"minutes": seconds / 60, "checkpoint": str(checkpoint)}
             record.parent.mkdir(parents=True, exist_ok=True)
-            record.write_text(json.dumps({"minutes": seconds / 60, "checkpoint": str(checkpoint)}) + "\n")
-        return Path(json.loads(record.read_text())["checkpoint"])
+            record.write_text(json.dumps(self.stages[name]) + "\n")
+        return Path(self.stages[name]["checkpoint"])
 
     def stage(self, name: str) -> Path:
         synthetic = [f"--data.init_args.root={self.corpus}"]
@@ -131,7 +132,7 @@ def real_benchmark(out: Path, recipes: list[str], quick: bool, json_path: Path |
         checkpoints[recipe] = pipeline.recipe(recipe)
         cer, wer = pipeline.test(recipe, checkpoints[recipe], [], "greedy")
         _, wer_lm = pipeline.test(recipe, checkpoints[recipe], lm_decoding, "lm")
-        minutes = sum(pipeline.minutes[stage] for stage in [*RECIPES[recipe], f"real_{recipe}"])
+        minutes = sum(pipeline.stages[stage]["minutes"] for stage in [*RECIPES[recipe], f"real_{recipe}"])
         figures["real_dev_cer"][recipe], figures["real_dev_wer"][recipe] = cer, wer
         figures["real_dev_wer_lm"][recipe], figures["real_train_minutes"][recipe] = wer_lm, minutes
         print(f"recipe {recipe}: {minutes:.1f} min, dev CER {cer:.3f} WER {wer:.3f}, WER with LM {wer_lm:.3f}",
