@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -101,17 +102,29 @@ def fit_and_test(config: Path, out: Path, name: str, extra: list[str], checkpoin
 def pretrain(config: Path, out: Path, extra: list[str], reuse: bool) -> tuple[Path, float]:
     """Pre-trains, writes the best-validation checkpoint weights-only; (weights file, minutes of the fit)."""
     name = config.stem
-    weights, record = out / "weights" / f"{name}.ckpt", out / "weights" / f"{name}.json"
-    if reuse and weights.is_file() and record.is_file():
-        print(f"reusing {weights}", flush=True)
-        return weights, json.loads(record.read_text())["minutes"]
-    seconds = run(polyformer("fit", "-c", str(config), f"--run.root={out / 'runs'}", *extra),
-                  out / "logs" / f"{name}.fit.log")
-    best = newest_version(out / "runs" / config.parent.name / name) / "checkpoints" / "best.ckpt"
-    digest = save_weights(best, weights)
-    record.write_text(json.dumps({"minutes": seconds / 60, "sha256": digest, "checkpoint": str(best)}) + "\n")
-    print(f"{weights}: sha256 {digest}", flush=True)
-    return weights, seconds / 60
+    weights = out / "weights" / f"{name}.ckpt"
+
+    def fit() -> dict:
+        seconds = run(polyformer("fit", "-c", str(config), f"--run.root={out / 'runs'}", *extra),
+                      out / "logs" / f"{name}.fit.log")
+        best = newest_version(out / "runs" / config.parent.name / name) / "checkpoints" / "best.ckpt"
+        digest = save_weights(best, weights)
+        print(f"{weights}: sha256 {digest}", flush=True)
+        return {"minutes": seconds / 60, "sha256": digest, "checkpoint": str(best)}
+
+    return weights, recorded(out / "weights" / f"{name}.json", reuse, fit, done=weights.is_file())["minutes"]
+
+
+def recorded(record: Path, reuse: bool, produce: Callable[[], dict], done: bool = True) -> dict:
+    """The JSON record of a piece of work: read from `record` when reusing and `done` (the work it describes is
+    complete), else `produce()`d, written there and returned; lets a benchmark finish over several sittings."""
+    if reuse and done and record.is_file():
+        print(f"reusing {record}", flush=True)
+        return json.loads(record.read_text())
+    value = produce()
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(value) + "\n")
+    return value
 
 
 def write_json(path: Path | None, figures: dict) -> None:

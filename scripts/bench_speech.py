@@ -1,7 +1,8 @@
 """Speech benchmark: training throughput against torchaudio's Conformer, and CER/WER of the tiny config.
 
     python scripts/bench_speech.py [--quick] [--json PATH] [--ckpt PATH]
-    python scripts/bench_speech.py --real [--quick] [--json PATH] [--recipes a,b,c,d] [--out DIR] [--reuse]
+    python scripts/bench_speech.py --real [--quick] [--json PATH] [--recipes a,b,c,d] [--seeds 1 2] [--out DIR]
+                                   [--reuse]
 
 --real runs issue 10's four recipes on real LibriSpeech instead (scripts/bench_speech_real.py says how).
 
@@ -188,6 +189,8 @@ def main() -> None:
     parser.add_argument("--recipes", default="a,b,c,d", help="--real: which recipes, comma-separated")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "speech_real", help="--real: runs and logs")
     parser.add_argument("--reuse", action="store_true", help="--real: read the stages already fitted in --out")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[],
+                        help="--real: the best recipe's last fine-tuning again at these seeds (the recipes run at 0)")
     args = parser.parse_args()
     if args.real:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -196,7 +199,7 @@ def main() -> None:
         recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
         if not recipes or set(recipes) - RECIPES.keys():
             raise SystemExit(f"--recipes: expected some of {sorted(RECIPES)}, found {args.recipes!r}")
-        real_benchmark(args.out, recipes, args.quick, args.json, args.reuse)
+        real_benchmark(args.out, recipes, args.quick, args.json, args.reuse, args.seeds)
         return
     results = throughput(args.quick)
     print(json.dumps(results, indent=2), flush=True)

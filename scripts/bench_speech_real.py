@@ -1,6 +1,7 @@
 """Issue 10's recipes on real LibriSpeech, end to end (run through `python scripts/bench_speech.py --real`).
 
-    python scripts/bench_speech.py --real [--quick] [--json PATH] [--recipes a,b,c,d] [--out DIR] [--reuse]
+    python scripts/bench_speech.py --real [--quick] [--json PATH] [--recipes a,b,c,d] [--seeds 1 2] [--out DIR]
+                                   [--reuse]
 
 Stages, each a `polyformer fit` whose minutes count toward every recipe that uses it:
 - synthetic: configs/speech/conformer_ctc_tiny_synthetic.yaml on data/synthetic_librispeech (made when missing);
@@ -15,19 +16,22 @@ below the top (layer-wise decay). Each recipe's last checkpoint is tested on the
 and WER with beam search over a lexicon with a 3-gram Witten–Bell language model (lm.py) estimated on the fortunes
 sentences and the real training transcripts — no dev transcript among them (checked).
 --quick: a small synthetic corpus and a few batches of every stage (checks the script, not a result).
---reuse: stages already fitted in DIR (their DIR/stages/<name>.json) are read, not refitted, so the recipes can run
-over several sittings or side by side (`--recipes b` and `--recipes c` in two processes, then all four with --reuse).
+--seeds 1 2: the best recipe's last fine-tuning again at these seeds (seed_everything; its earlier stages are the
+seed-0 ones, reused), for dev figures as mean ± std over seed 0 and these.
+--reuse: stages already fitted in DIR (their DIR/stages/<name>.json) and dev tests already run (DIR/tests/) are read,
+not redone, so the recipes can run over several sittings or side by side (`--recipes b` and `--recipes c` in two
+processes, then all four with --reuse).
 --json: real_dev_cer, real_dev_wer, real_dev_wer_lm, real_train_minutes (dicts recipe → value), best_recipe (lowest
-dev CER), best_checkpoint, best_config; the best recipe's checkpoint is written weights-only to DIR/weights/.
+dev CER), best_checkpoint, best_config; with --seeds, best_dev_{cer,wer,wer_lm} (means) with _std and _runs (seed →
+value) siblings. The best recipe's seed-0 checkpoint is written weights-only to DIR/weights/.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from bench_pretrain import QUICK, ROOT, last_value, polyformer, run, write_json
+from bench_pretrain import QUICK, ROOT, last_value, polyformer, recorded, run, summarise, write_json
 from make_synthetic_librispeech import read_sources, sentences_from
 
 from polyformer.cli import newest_version
@@ -69,22 +73,20 @@ class Pipeline:
             run([sys.executable, str(ROOT / "scripts" / "make_synthetic_librispeech.py"), "--out", str(self.corpus),
                  *size, "--seed", "0"], out / "logs" / "corpus.log")
 
+    def where(self, name: str) -> list[str]:
+        return [f"--run.root={self.out / 'runs'}", "--run.domain=speech", f"--run.name={name}"]
+
     def fit(self, name: str, config: str, extra: list[str]) -> Path:
-        """A `polyformer fit` (once per stage name; with --reuse, a stage whose record DIR/stages/<name>.json exists
-        is read instead); returns its last checkpoint and records its minutes."""
-        record = self.out / "stages" / f"{name}.json"
-        if name not in self.stages and self.reuse and record.is_file():
-            self.stages[name] = json.loads(record.read_text())
-            print(f"reusing stage {name}: {self.stages[name]['checkpoint']} ({self.stages[name]['minutes']:.1f} min)",
-                  flush=True)
-        if name not in self.stages:
-            where = [f"--run.root={self.out / 'runs'}", "--run.domain=speech", f"--run.name={name}"]
-            seconds = run(polyformer("fit", "-c", str(CONFIGS / config), *where, *extra, *self.limits),
+        """A `polyformer fit` (once per stage name; with --reuse, read from its record DIR/stages/<name>.json);
+        returns its last checkpoint and records its minutes."""
+        def train() -> dict:
+            seconds = run(polyformer("fit", "-c", str(CONFIGS / config), *self.where(name), *extra, *self.limits),
                           self.out / "logs" / f"{name}.fit.log")
             checkpoint = newest_version(self.out / "runs" / "speech" / name) / "checkpoints" / "last.ckpt"
-            self.stages[name] = {"minutes": seconds / 60, "checkpoint": str(checkpoint)}
-            record.parent.mkdir(parents=True, exist_ok=True)
-            record.write_text(json.dumps(self.stages[name]) + "\n")
+            return {"minutes": seconds / 60, "checkpoint": str(checkpoint)}
+
+        if name not in self.stages:
+            self.stages[name] = recorded(self.out / "stages" / f"{name}.json", self.reuse, train)
         return Path(self.stages[name]["checkpoint"])
 
     def stage(self, name: str) -> Path:
@@ -102,45 +104,73 @@ class Pipeline:
                              *LAYER_DECAY])
         raise ValueError(f"unknown stage {name!r}")
 
-    def recipe(self, recipe: str) -> Path:
+    def recipe(self, recipe: str, seed: int = 0) -> tuple[str, Path]:
+        """The recipe's last fine-tuning (run name real_<recipe>, real_<recipe>_seed<S> at another seed) after its
+        stages; (run name, last checkpoint)."""
         stages = [self.stage(name) for name in RECIPES[recipe]]
         start = []
         if stages:
             start = [f"--model.init_args.init_from={stages[-1]}", *LAYER_DECAY]
             if RECIPES[recipe][-1] == "bestrq":
                 start += NEW_HEAD
-        return self.fit(f"real_{recipe}", "conformer_ctc_tiny_real.yaml", [f"--data.init_args.root={REAL}", *start])
+        name = f"real_{recipe}" if seed == 0 else f"real_{recipe}_seed{seed}"
+        seeded = [f"--seed_everything={seed}"] if seed else []
+        return name, self.fit(name, "conformer_ctc_tiny_real.yaml",
+                              [f"--data.init_args.root={REAL}", *start, *seeded])
 
-    def test(self, recipe: str, checkpoint: Path, decoding: list[str], tag: str) -> tuple[float, float]:
-        name = f"real_{recipe}"
-        where = [f"--run.root={self.out / 'runs'}", "--run.domain=speech", f"--run.name={name}"]
-        run(polyformer("test", "-c", str(CONFIGS / "conformer_ctc_tiny_real.yaml"), *where, f"--ckpt_path={checkpoint}",
-                       f"--data.init_args.root={REAL}", "--data.init_args.test_splits=[dev]", *decoding, *self.limits),
-            self.out / "logs" / f"{name}.test_{tag}.log")
-        run_dir = self.out / "runs" / "speech" / name
-        return last_value(run_dir, "test/dev/cer"), last_value(run_dir, "test/dev/wer")
+    def test(self, name: str, checkpoint: Path, decoding: list[str], tag: str) -> dict:
+        """Dev CER and WER of a run's checkpoint (with --reuse, read from DIR/tests/<name>_<tag>.json)."""
+        def evaluate() -> dict:
+            run(polyformer("test", "-c", str(CONFIGS / "conformer_ctc_tiny_real.yaml"), *self.where(name),
+                           f"--ckpt_path={checkpoint}", f"--data.init_args.root={REAL}",
+                           "--data.init_args.test_splits=[dev]", *decoding, *self.limits),
+                self.out / "logs" / f"{name}.test_{tag}.log")
+            run_dir = self.out / "runs" / "speech" / name
+            return {"cer": last_value(run_dir, "test/dev/cer"), "wer": last_value(run_dir, "test/dev/wer"),
+                    "checkpoint": str(checkpoint)}
+
+        return recorded(self.out / "tests" / f"{name}_{tag}.json", self.reuse, evaluate)
 
 
-def real_benchmark(out: Path, recipes: list[str], quick: bool, json_path: Path | None, reuse: bool = False) -> dict:
+def real_benchmark(out: Path, recipes: list[str], quick: bool, json_path: Path | None, reuse: bool = False,
+                   seeds: list[int] = ()) -> dict:
+    """The recipes at seed 0, then the best one's last fine-tuning again at each of `seeds` (its stages reused)."""
     pipeline = Pipeline(out, quick, reuse)
     lm, lexicon = language_model(out / "lm")
     lm_decoding = ["--model.init_args.decoding=lexicon", f"--model.init_args.lexicon={lexicon}",
                    f"--model.init_args.lm={lm}", "--model.init_args.beam_size=50"]
+
+    def measure(recipe: str, seed: int) -> tuple[Path, float, float, float]:
+        name, checkpoint = pipeline.recipe(recipe, seed)
+        greedy = pipeline.test(name, checkpoint, [], "greedy")
+        return checkpoint, greedy["cer"], greedy["wer"], pipeline.test(name, checkpoint, lm_decoding, "lm")["wer"]
+
     figures = {"real_dev_cer": {}, "real_dev_wer": {}, "real_dev_wer_lm": {}, "real_train_minutes": {}}
     checkpoints = {}
     for recipe in recipes:
-        checkpoints[recipe] = pipeline.recipe(recipe)
-        cer, wer = pipeline.test(recipe, checkpoints[recipe], [], "greedy")
-        _, wer_lm = pipeline.test(recipe, checkpoints[recipe], lm_decoding, "lm")
+        checkpoints[recipe], cer, wer, wer_lm = measure(recipe, 0)
         minutes = sum(pipeline.stages[stage]["minutes"] for stage in [*RECIPES[recipe], f"real_{recipe}"])
         figures["real_dev_cer"][recipe], figures["real_dev_wer"][recipe] = cer, wer
         figures["real_dev_wer_lm"][recipe], figures["real_train_minutes"][recipe] = wer_lm, minutes
-        print(f"recipe {recipe}: {minutes:.1f} min, dev CER {cer:.3f} WER {wer:.3f}, WER with LM {wer_lm:.3f}",
-              flush=True)
     best = min(figures["real_dev_cer"], key=figures["real_dev_cer"].get)
+    print(f"\n{'recipe':<8}{'minutes':>9}{'dev CER':>9}{'dev WER':>9}{'WER + LM':>10}")
+    for recipe in recipes:
+        print(f"{recipe:<8}" + "".join(f"{figures[key][recipe]:>{width}.{digits}f}" for key, width, digits in [
+            ("real_train_minutes", 9, 1), ("real_dev_cer", 9, 3), ("real_dev_wer", 9, 3), ("real_dev_wer_lm", 10, 3)]))
     digest = save_weights(checkpoints[best], out / "weights" / "conformer_ctc_tiny_real.ckpt")
     print(f"best recipe {best}: {out / 'weights' / 'conformer_ctc_tiny_real.ckpt'} sha256 {digest}")
     figures.update({"best_recipe": best, "best_checkpoint": "weights/speech/conformer_ctc_tiny_real.ckpt",
                     "best_config": "configs/speech/conformer_ctc_tiny_real.yaml", "quick": quick})
+    if seeds:
+        runs = {0: (figures["real_dev_cer"][best], figures["real_dev_wer"][best], figures["real_dev_wer_lm"][best])}
+        runs |= {seed: measure(best, seed)[1:] for seed in seeds if seed != 0}
+        for column, key in enumerate(["best_dev_cer", "best_dev_wer", "best_dev_wer_lm"]):
+            values = {seed: run_figures[column] for seed, run_figures in sorted(runs.items())}
+            mean, std = summarise(values)
+            figures |= {key: mean, f"{key}_std": std, f"{key}_runs": values}
+        print(f"best recipe {best} over seeds {sorted(runs)} (its last fine-tuning): dev CER "
+              f"{figures['best_dev_cer']:.3f} ± {figures['best_dev_cer_std']:.3f}, WER {figures['best_dev_wer']:.3f} "
+              f"± {figures['best_dev_wer_std']:.3f}, WER + LM {figures['best_dev_wer_lm']:.3f} ± "
+              f"{figures['best_dev_wer_lm_std']:.3f}")
     write_json(json_path, figures)
     return figures
