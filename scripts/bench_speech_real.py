@@ -28,6 +28,7 @@ value) siblings. The best recipe's seed-0 checkpoint is written weights-only to 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -56,8 +57,11 @@ def language_model(out: Path) -> tuple[Path, Path]:
     print(f"language model: {len(kept)} sentences ({len(text) - len(kept)} dropped as dev transcripts)", flush=True)
     sentences = [s.split() for s in kept]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "lm.arpa").write_text(witten_bell_arpa(sentences, 3))
-    (out / "lexicon.txt").write_text("\n".join(lexicon_lines({w for s in sentences for w in s})) + "\n")
+    files = {"lm.arpa": witten_bell_arpa(sentences, 3),
+             "lexicon.txt": "\n".join(lexicon_lines({w for s in sentences for w in s})) + "\n"}
+    for name, text in files.items():  # replaced whole: another process of the benchmark may be decoding with them
+        (out / f"{name}.tmp{os.getpid()}").write_text(text)
+        os.replace(out / f"{name}.tmp{os.getpid()}", out / name)
     return out / "lm.arpa", out / "lexicon.txt"
 
 
