@@ -25,7 +25,6 @@ each side's last evaluation too (val_map50_last, val_map_last, peer_val_map50_la
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +44,8 @@ from polyformer.domains.vision.swin import SwinTransformer
 from polyformer.finetune import save_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pretrain import QUICK, ROOT, bench_parser, finished, last_value, polyformer, run, write_json  # noqa: E402
+from bench_pretrain import (QUICK, ROOT, bench_parser, finished, last_value, polyformer, recorded, run,  # noqa: E402
+                            write_json)
 
 CONFIG = ROOT / "configs" / "vision" / "detr_bccd.yaml"
 CONFIG_YAML = yaml.safe_load(CONFIG.read_text())
@@ -65,18 +65,20 @@ def train_detr(out: Path, minutes: float, quick: bool, reuse: bool) -> dict:
     name, run_dir = "detr_bccd", out / "runs" / "vision" / "detr_bccd"
     where = [f"--run.root={out / 'runs'}", f"--run.name={name}"]
     extra = QUICK if quick else [f"--trainer.max_time=00:00:{int(minutes):02d}:00"]
-    record = out / "detr_fit.json"
-    if not (reuse and record.is_file() and finished(run_dir, "test/map50") is not None):
+
+    def fit_and_test() -> dict:
         seconds = run(polyformer("fit", "-c", str(CONFIG), *where, *extra), out / "logs" / f"{name}.fit.log")
-        record.write_text(json.dumps({"minutes": seconds / 60}) + "\n")
         best = newest_version(run_dir) / "checkpoints" / "best.ckpt"
         run(polyformer("test", "-c", str(CONFIG), *where, *extra, f"--ckpt_path={best}"),
             out / "logs" / f"{name}.test.log")
         digest = save_weights(best, out / "weights" / "detr_bccd.ckpt")
         print(f"{out / 'weights' / 'detr_bccd.ckpt'}: sha256 {digest}", flush=True)
+        return {"minutes": seconds / 60}
+
+    fitted = recorded(out / "detr_fit.json", reuse, fit_and_test, done=finished(run_dir, "test/map50") is not None)
     return {"val_map50": last_value(run_dir, "test/map50"), "val_map": last_value(run_dir, "test/map"),
             "val_map50_last": last_value(run_dir, "val/map50"), "val_map_last": last_value(run_dir, "val/map"),
-            "train_minutes": json.loads(record.read_text())["minutes"]}
+            "train_minutes": fitted["minutes"]}
 
 
 def peer_targets(images: torch.Tensor, targets: list[dict]) -> list[dict]:
@@ -169,11 +171,7 @@ def main() -> None:
     print(f"Swin vs timm: max |logit difference| {figures['swin_timm_max_abs_diff']:.2e}", flush=True)
     with ThreadPoolExecutor(1) as pool:  # DETR's fit is a subprocess; the peer trains here meanwhile
         detr = pool.submit(train_detr, args.out, args.minutes, args.quick, args.reuse)
-        peer_record = args.out / "peer.json"
-        if not (args.reuse and peer_record.is_file()):
-            peer_record.parent.mkdir(parents=True, exist_ok=True)
-            peer_record.write_text(json.dumps(train_peer(args.minutes, args.quick), indent=1) + "\n")
-        figures.update(json.loads(peer_record.read_text()))
+        figures.update(recorded(args.out / "peer.json", args.reuse, lambda: train_peer(args.minutes, args.quick)))
         figures.update(detr.result())
     figures.update({"checkpoint": "weights/vision/detr_bccd.ckpt", "config": str(CONFIG.relative_to(ROOT)),
                     "quick": args.quick})
