@@ -67,6 +67,14 @@ run_step speech "Conformer-CTC, synthetic speech (make + fit + test)" \
            polyformer test -c configs/speech/conformer_ctc_demo_synthetic.yaml ${QUIET[*]} \
              --data.init_args.root=$SPEECH_DATA --ckpt_path=last"
 
+# --- speech: the committed real-LibriSpeech model transcribes three real dev utterances (domains/speech/samples) ---
+REAL_SPEECH=(-c configs/speech/conformer_ctc_tiny_real.yaml "${QUIET[@]}"
+             --ckpt_path=weights/speech/conformer_ctc_tiny_real.ckpt
+             --data.init_args.root=domains/speech/samples "--data.init_args.test_splits=[dev]")
+real_speech() { polyformer predict "${REAL_SPEECH[@]}" && polyformer test "${REAL_SPEECH[@]}"; }
+run_step speech "Conformer-CTC, committed weights, 3 real utterances" \
+  "python scripts/run_metrics.py $RUNS/speech/conformer_ctc_tiny_real test/dev/cer test/dev/wer" -- real_speech
+
 echo
 echo "=== summary (total $(( $(date +%s) - started )) s; runs under $RUNS/)"
 printf '%-11s | %-52s | %-48s | %s\n' domain run result time
