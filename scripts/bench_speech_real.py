@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from bench_pretrain import QUICK, ROOT, last_value, polyformer, recorded, run, summarise, write_json
@@ -137,7 +138,7 @@ class Pipeline:
 
 
 def real_benchmark(out: Path, recipes: list[str], quick: bool, json_path: Path | None, reuse: bool = False,
-                   seeds: list[int] = ()) -> dict:
+                   seeds: Sequence[int] = ()) -> dict:
     """The recipes at seed 0, then the best one's last fine-tuning again at each of `seeds` (its stages reused)."""
     pipeline = Pipeline(out, quick, reuse)
     lm, lexicon = language_model(out / "lm")
