@@ -18,7 +18,10 @@ from torchvision.utils import draw_bounding_boxes
 
 from polyformer.domains.vision.data import load_rgb
 from polyformer.domains.vision.detection_data import VOCDetectionDataModule
+from polyformer.domains.vision.deformable_detr import (DeformableDETR, DeformableDETRConfig, detection_loss,
+                                                       top_detections)
 from polyformer.domains.vision.detr import DETR, DETRConfig, denoising_loss, detections, detr_loss
+from polyformer.deploy import Exportable
 from polyformer.finetune import FinetuneConfig
 from polyformer.training import OptimizerConfig, PolyformerTask
 
@@ -31,29 +34,37 @@ def pixel_boxes(target: dict[str, Tensor]) -> Tensor:
     return box_convert(target["boxes"], "cxcywh", "xyxy") * target["boxes"].new_tensor([width, height, width, height])
 
 
-class DetectionTask(PolyformerTask):
-    """DETR trained with its set loss; mAP on val/test; predictions as JSON and pictures."""
+class DetectorTask(PolyformerTask):
+    """What every detector's task shares: the class count checked against the data, mAP on val/test, the
+    backbone's learning rate, predictions as JSON and pictures. A subclass builds `self.model` (with a `backbone`)
+    and implements `losses`."""
 
     inference_fields = ("score_threshold",)
+    num_classes: int
 
-    def __init__(self, detr: DETRConfig | None = None, optimizer: OptimizerConfig | None = None,
-                 backbone_lr_scale: float = 0.1,  # DETR trains its backbone at a tenth of the rate
-                 score_threshold: float = 0.5,  # predict: the detections drawn in the pictures
+    def __init__(self, optimizer: OptimizerConfig | None = None, *, backbone_lr_scale: float, score_threshold: float,
                  init_from: str | None = None, finetune: FinetuneConfig | None = None):
         super().__init__(optimizer, init_from=init_from, finetune=finetune)
-        self.detr_config = detr or DETRConfig()
         if not 0.0 < backbone_lr_scale <= 1.0:
             raise ValueError(f"backbone_lr_scale must be in (0, 1], found {backbone_lr_scale}")
         self.backbone_lr_scale, self.score_threshold = backbone_lr_scale, score_threshold
-        self.model = DETR(self.detr_config)
         self.map = torch.nn.ModuleDict({stage: MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
                                         for stage in ("val", "test")})
 
+    def losses(self, images: Tensor, padding: Tensor, targets: list[dict[str, Tensor]], train: bool
+               ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+        """(loss terms with "total", the detections of every image in pixels: boxes, scores, labels)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement losses()")
+
+    def detect(self, images: Tensor, padding: Tensor, sizes: Tensor) -> list[dict[str, Tensor]]:
+        """Every image's detections in pixels of its original size (sizes (b 2) as height, width)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement detect()")
+
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if isinstance(datamodule, VOCDetectionDataModule) and datamodule.num_classes != self.detr_config.num_classes:
+        if isinstance(datamodule, VOCDetectionDataModule) and datamodule.num_classes != self.num_classes:
             raise ValueError(f"the data has {datamodule.num_classes} classes {datamodule.classes}, the model "
-                             f"detr.num_classes={self.detr_config.num_classes}")
+                             f"num_classes={self.num_classes}")
         super().setup(stage)
 
     def batch_size(self, batch: Batch) -> int:
@@ -61,24 +72,15 @@ class DetectionTask(PolyformerTask):
 
     def step(self, batch: Batch, stage: str) -> Tensor:
         images, padding, targets = batch
-        denoised = None
-        if stage == "train" and self.detr_config.denoising_groups:
-            logits, boxes, denoised = self.model.forward_denoising(images, padding, targets)
-        else:
-            logits, boxes = self.model(images, padding)
-        losses = detr_loss(logits, boxes, targets, self.detr_config.loss)
+        terms, found = self.losses(images, padding, targets, stage == "train")
         on_epoch = stage != "train"
-        for name in ("class", "l1", "giou"):
-            self.log(f"{stage}/{name}", losses[name], on_step=not on_epoch, on_epoch=on_epoch,
-                     batch_size=len(targets), sync_dist=on_epoch)
-        if denoised is not None:
-            reconstruction = denoising_loss(*denoised, self.detr_config.loss)
-            self.log("train/denoising", reconstruction["total"], batch_size=len(targets))
-            losses["total"] = losses["total"] + reconstruction["total"]
+        for name, value in terms.items():
+            if name != "total":
+                self.log(f"{stage}/{name}", value, on_step=not on_epoch, on_epoch=on_epoch, batch_size=len(targets),
+                         sync_dist=on_epoch)
         if stage in self.map:
-            predicted = detections(logits[-1], boxes[-1], torch.stack([t["orig_size"] for t in targets]))
-            self.map[stage].update(predicted, [{"boxes": pixel_boxes(t), "labels": t["labels"]} for t in targets])
-        return losses["total"]
+            self.map[stage].update(found, [{"boxes": pixel_boxes(t), "labels": t["labels"]} for t in targets])
+        return terms["total"]
 
     def log_map(self, stage: str) -> None:
         results = self.map[stage].compute()
@@ -106,8 +108,7 @@ class DetectionTask(PolyformerTask):
 
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict]:
         images, padding, targets = batch
-        logits, boxes = self.model(images, padding)
-        found = detections(logits[-1], boxes[-1], torch.stack([t["orig_size"] for t in targets]))
+        found = self.detect(images, padding, torch.stack([t["orig_size"] for t in targets]))
         dataset = self.trainer.datamodule.datasets["test"]
         classes = self.trainer.datamodule.classes
         folder = Path(self.trainer.log_dir or ".") / "predictions"
@@ -130,3 +131,85 @@ class DetectionTask(PolyformerTask):
                 json.dump(record, f, indent=1)
             records.append(record)
         return records
+
+
+class DetectionTask(DetectorTask):
+    """DETR (detr.py) trained with its set loss, DN-DETR's reconstruction loss added when configured."""
+
+    def __init__(self, detr: DETRConfig | None = None, optimizer: OptimizerConfig | None = None,
+                 backbone_lr_scale: float = 0.1,  # DETR trains its backbone at a tenth of the rate
+                 score_threshold: float = 0.5,  # predict: the detections drawn in the pictures
+                 init_from: str | None = None, finetune: FinetuneConfig | None = None):
+        super().__init__(optimizer, backbone_lr_scale=backbone_lr_scale, score_threshold=score_threshold,
+                         init_from=init_from, finetune=finetune)
+        self.detr_config = detr or DETRConfig()
+        self.num_classes = self.detr_config.num_classes
+        self.model = DETR(self.detr_config)
+
+    def losses(self, images: Tensor, padding: Tensor, targets: list[dict[str, Tensor]], train: bool
+               ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+        denoised = None
+        if train and self.detr_config.denoising_groups:
+            logits, boxes, denoised = self.model.forward_denoising(images, padding, targets)
+        else:
+            logits, boxes = self.model(images, padding)
+        terms = detr_loss(logits, boxes, targets, self.detr_config.loss)
+        if denoised is not None:
+            terms["denoising"] = denoising_loss(*denoised, self.detr_config.loss)["total"]
+            terms["total"] = terms["total"] + terms["denoising"]
+        sizes = torch.stack([t["orig_size"] for t in targets])
+        return terms, detections(logits[-1], boxes[-1], sizes)
+
+    def detect(self, images: Tensor, padding: Tensor, sizes: Tensor) -> list[dict[str, Tensor]]:
+        logits, boxes = self.model(images, padding)
+        return detections(logits[-1], boxes[-1], sizes)
+
+
+class DetectionOutputs(torch.nn.Module):
+    """A deformable detector as export sees it: (images, padding_mask) → the last layer's (logits, boxes)."""
+
+    def __init__(self, model: DeformableDETR):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.model(images, padding_mask)
+        return out.logits[-1], out.boxes[-1]
+
+
+class DeformableDetectionTask(DetectorTask):
+    """Deformable DETR with DINO's training (deformable_detr.py) on a multi-scale, ImageNet-pre-trained backbone."""
+
+    def __init__(self, detector: DeformableDETRConfig | None = None, optimizer: OptimizerConfig | None = None,
+                 backbone_lr_scale: float = 0.1,  # Deformable DETR and DINO train the backbone at a tenth of the rate
+                 score_threshold: float = 0.3,  # predict: the detections drawn in the pictures
+                 export_size: tuple[int, int] = (384, 512),  # export: the (height, width) of the exported graph
+                 init_from: str | None = None, finetune: FinetuneConfig | None = None):
+        super().__init__(optimizer, backbone_lr_scale=backbone_lr_scale, score_threshold=score_threshold,
+                         init_from=init_from, finetune=finetune)
+        self.detector_config = detector or DeformableDETRConfig()
+        self.num_classes = self.detector_config.num_classes
+        self.export_size = tuple(export_size)
+        self.model = DeformableDETR(self.detector_config)
+
+    def losses(self, images: Tensor, padding: Tensor, targets: list[dict[str, Tensor]], train: bool
+               ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+        out = self.model(images, padding, targets if train else None)
+        terms = detection_loss(out, targets, self.detector_config)
+        sizes = torch.stack([t["orig_size"] for t in targets])
+        return terms, top_detections(out.logits[-1], out.boxes[-1], sizes)
+
+    def detect(self, images: Tensor, padding: Tensor, sizes: Tensor) -> list[dict[str, Tensor]]:
+        out = self.model(images, padding)
+        return top_detections(out.logits[-1], out.boxes[-1], sizes)
+
+    def exportable(self) -> Exportable:
+        height, width = self.export_size
+        k = self.detector_config.num_classes
+        return Exportable(
+            DetectionOutputs(self.model), ["images", "padding_mask"], ["logits", "boxes"],
+            lambda batch, _: (torch.randn(batch, 3, height, width), torch.zeros(batch, height, width, dtype=torch.bool)),
+            lengths=(0, 0, 0),
+            description=f"images (batch, 3, {height}, {width}) ImageNet-normalised and padding_mask (batch, {height}, "
+                        f"{width}) True at padding → logits (batch, queries, {k}) (sigmoid: class scores) and boxes "
+                        f"(batch, queries, 4) as (cx, cy, w, h) in [0, 1] of the unpadded image")
