@@ -83,7 +83,7 @@ class DeformableDETRConfig:
     look_forward_twice: bool = True
     two_stage: bool = True
     mixed_query: bool = True  # two-stage anchors with learned content (DINO); False: content from the encoder too
-    denoising_queries: int = 100  # contrastive denoising: about this many per image in all groups; 0: off
+    denoising_queries: int = 100  # contrastive denoising: at most this many queries in all groups (DINO: 2·t per group); 0: off
     box_noise: float = 0.4  # DINO's dn_box_noise_scale: corners move by up to box_noise · half the side (positives)
     label_noise: float = 0.5  # DINO's dn_label_noise_ratio: half of this share of labels is replaced at random
     one_to_many_queries: int = 0  # H-DETR's hybrid branch (training only); 0: off
@@ -135,11 +135,14 @@ def cell_centres(shapes: list[tuple[int, int]], ratios: Tensor) -> Tensor:
     return torch.cat(centres, dim=1)
 
 
-def group_bias(sizes: list[int], device: torch.device) -> Tensor:
-    """(n n) self-attention bias, n = Σ sizes: 0 within a segment of consecutive queries, -inf across segments."""
+def query_bias(one_to_one: int, one_to_many: int, groups: list[int], device: torch.device) -> Tensor:
+    """(n n) self-attention bias over the queries [one-to-one | one-to-many | denoising groups]: each part sees
+    itself only, except that denoising queries also see the one-to-one queries (DN-DETR's and DINO's mask: the
+    matching queries never see a denoising query, nor one group another); -inf where a key is hidden."""
+    sizes = [one_to_one, one_to_many, *groups]
     segment = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
-    return torch.zeros(len(segment), len(segment), device=device).masked_fill(
-        segment[:, None] != segment[None, :], float("-inf"))
+    allowed = (segment[:, None] == segment[None, :]) | ((segment[:, None] >= 2) & (segment[None, :] == 0))
+    return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
 
 
 class EncoderLayer(nn.Module):
@@ -200,7 +203,7 @@ def make_denoising(targets: list[dict[str, Tensor]], config: DeformableDETRConfi
     most = max(len(t["labels"]) for t in targets)
     if most == 0:
         return None
-    groups, b, device = max(config.denoising_queries // most, 1), len(targets), label_embed.weight.device
+    groups, b, device = max(config.denoising_queries // (2 * most), 1), len(targets), label_embed.weight.device
     labels = torch.zeros(b, most, dtype=torch.long, device=device)
     boxes = torch.full((b, most, 4), 0.5, device=device)
     real = torch.zeros(b, most, dtype=torch.bool, device=device)
@@ -248,7 +251,7 @@ class DeformableDETR(nn.Module):
         self.extra_levels = nn.ModuleList(
             nn.Sequential(nn.Conv2d(last if i == 0 else c.dim, c.dim, kernel_size=3, stride=2, padding=1),
                           nn.GroupNorm(32, c.dim)) for i in range(extra))
-        self.level_embed = nn.Parameter(torch.randn(c.levels, c.dim) * 0.02)
+        self.level_embed = nn.Parameter(torch.randn(c.levels, c.dim))  # normal(0, 1), as the original
         self.encoder = nn.ModuleList(EncoderLayer(c) for _ in range(c.encoder_depth))
         self.decoder = nn.ModuleList(DecoderLayer(c) for _ in range(c.decoder_depth))
         self.decoder_norm = nn.LayerNorm(c.dim)
@@ -329,7 +332,7 @@ class DeformableDETR(nn.Module):
             return (self.content.weight[:total].expand(b, -1, -1), self.anchors[:total].sigmoid().expand(b, -1, -1),
                     None)
         logits, boxes, projected = self.proposals(memory, mask, shapes, ratios)
-        if logits.shape[1] < total:  # an image with fewer cells than queries: whole-image boxes that never win
+        if logits.shape[1] < total:  # an image with fewer cells than queries: centred boxes that never win
             fill = total - logits.shape[1]
             logits = torch.cat((logits, logits.new_full((b, fill, logits.shape[2]), float("-inf"))), dim=1)
             boxes = torch.cat((boxes, boxes.new_zeros(b, fill, 4)), dim=1)
@@ -349,19 +352,23 @@ class DeformableDETR(nn.Module):
         """Decoder layers over queries (b n d) with anchors (b n 4) → logits (D b n k), boxes (D b n 4)."""
         c = self.config
         x, reference = content, anchors  # the reference boxes a layer attends around (no gradient)
-        previous = anchors  # the previous layer's prediction (with its gradient: look forward twice)
+        previous = anchors  # the previous layer's refined boxes, with its box head's gradient (look forward twice)
         scale = torch.cat((ratios, ratios), dim=-1)[:, None]  # (b 1 L 4)
         logits, boxes = [], []
         for layer in self.decoder:
             query_pos = self.query_pos_head(box_positions(reference, c.dim))
             x = layer(x, query_pos, reference[:, :, None] * scale, memory, shapes, mask, bias)
             out = self.decoder_norm(x)
-            start = previous if c.look_forward_twice else reference
-            predicted = (self.box_head(out) + inverse_sigmoid(start)).sigmoid()
+            offset = self.box_head(out)
+            refined = (offset + inverse_sigmoid(reference)).sigmoid()  # from the detached reference
+            # look forward twice (training: it only changes gradients): the same value, but the loss also reaches
+            # the previous layer's box head (one layer back, no further: `previous` came from a detached reference)
+            lft = c.look_forward_twice and self.training
+            predicted = (offset + inverse_sigmoid(previous)).sigmoid() if lft else refined
             logits.append(self.class_head(out))
             boxes.append(predicted)
             if c.box_refine:
-                reference, previous = predicted.detach(), predicted
+                reference, previous = refined.detach(), refined
         return torch.stack(logits), torch.stack(boxes)
 
     def forward(self, images: Tensor, padding_mask: Tensor, targets: list[dict[str, Tensor]] | None = None
@@ -371,13 +378,12 @@ class DeformableDETR(nn.Module):
         memory, mask, shapes, ratios = self.encode(images, padding_mask)
         q, r = c.num_queries, c.one_to_many_queries if targets is not None else 0
         content, anchors, proposals = self.queries(memory, mask, shapes, ratios, q + r)
-        sizes = [q, r] if r else [q]
         dn = make_denoising(targets, c, self.label_embed) if targets is not None and c.denoising_queries else None
+        groups = []
         if dn is not None:
             content, anchors = torch.cat((content, dn.content), dim=1), torch.cat((anchors, dn.boxes), dim=1)
-            group = dn.boxes.shape[1] // dn.groups
-            sizes += [group] * dn.groups
-        bias = group_bias(sizes, images.device) if len(sizes) > 1 else None
+            groups = [dn.boxes.shape[1] // dn.groups] * dn.groups
+        bias = query_bias(q, r, groups, images.device) if r or groups else None
         logits, boxes = self.decode(content, anchors, memory, mask, shapes, ratios, bias)
         out = Outputs(logits[:, :, :q], boxes[:, :, :q])
         if proposals is not None:
@@ -480,5 +486,6 @@ def top_detections(logits: Tensor, boxes: Tensor, sizes: Tensor, keep: int = 100
     labels, query = index % k, index // k
     height, width = sizes.unbind(-1)
     scale = torch.stack((width, height, width, height), dim=-1)[:, None].to(boxes.dtype)  # (b 1 4)
-    pixels = box_convert(boxes.gather(1, query[..., None].expand(-1, -1, 4)), "cxcywh", "xyxy") * scale
+    chosen = boxes.float().gather(1, query[..., None].expand(-1, -1, 4))  # float: pixels exact under autocast
+    pixels = box_convert(chosen, "cxcywh", "xyxy") * scale.float()
     return [{"boxes": pixels[i], "scores": scores[i], "labels": labels[i]} for i in range(b)]

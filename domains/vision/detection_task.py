@@ -94,15 +94,19 @@ class DetectorTask(PolyformerTask):
     def on_test_epoch_end(self) -> None:
         self.log_map("test")
 
+    def slow_parameters(self) -> set[int]:
+        """The ids of the parameters trained at backbone_lr_scale of the rate: the backbone's."""
+        return {id(p) for p in self.model.backbone.parameters()}
+
     def parameter_groups(self) -> list[dict]:
-        """The base's AdamW groups, the backbone's at backbone_lr_scale of the rate."""
+        """The base's AdamW groups, the slow parameters' (the backbone's) at backbone_lr_scale of the rate."""
         groups = []
-        backbone = {id(p) for p in self.model.backbone.parameters()}
+        slow = self.slow_parameters()
         for group in super().parameter_groups():
-            for in_backbone in (False, True):
-                params = [p for p in group["params"] if (id(p) in backbone) == in_backbone]
+            for is_slow in (False, True):
+                params = [p for p in group["params"] if (id(p) in slow) == is_slow]
                 if params:
-                    scale = self.backbone_lr_scale if in_backbone else 1.0
+                    scale = self.backbone_lr_scale if is_slow else 1.0
                     groups.append({**group, "params": params, "lr": group["lr"] * scale})
         return groups
 
@@ -181,7 +185,8 @@ class DeformableDetectionTask(DetectorTask):
     """Deformable DETR with DINO's training (deformable_detr.py) on a multi-scale, ImageNet-pre-trained backbone."""
 
     def __init__(self, detector: DeformableDETRConfig | None = None, optimizer: OptimizerConfig | None = None,
-                 backbone_lr_scale: float = 0.1,  # Deformable DETR and DINO train the backbone at a tenth of the rate
+                 # Deformable DETR and DINO train the backbone and the sampling offsets at a tenth of the rate
+                 backbone_lr_scale: float = 0.1,
                  score_threshold: float = 0.3,  # predict: the detections drawn in the pictures
                  export_size: tuple[int, int] = (384, 512),  # export: the (height, width) of the exported graph
                  init_from: str | None = None, finetune: FinetuneConfig | None = None):
@@ -191,6 +196,12 @@ class DeformableDetectionTask(DetectorTask):
         self.num_classes = self.detector_config.num_classes
         self.export_size = tuple(export_size)
         self.model = DeformableDETR(self.detector_config)
+
+    def slow_parameters(self) -> set[int]:
+        """The backbone's and the deformable attentions' sampling offsets (Deformable DETR's and DINO's
+        lr_linear_proj_mult: 0.1, as the backbone's)."""
+        offsets = {id(p) for name, p in self.model.named_parameters() if ".sampling_offsets." in name}
+        return super().slow_parameters() | offsets
 
     def losses(self, images: Tensor, padding: Tensor, targets: list[dict[str, Tensor]], train: bool
                ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:

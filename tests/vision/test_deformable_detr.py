@@ -14,7 +14,7 @@ from torchvision.ops import box_convert, box_iou
 from polyformer.cli import PolyformerCLI
 from polyformer.domains.vision.backbones import BackboneConfig
 from polyformer.domains.vision.deformable_detr import (DeformableDETR, DeformableDETRConfig, SetLossConfig,
-                                                       detection_loss, focal_match, group_bias, make_denoising,
+                                                       detection_loss, focal_match, make_denoising, query_bias,
                                                        set_loss, top_detections)
 from polyformer.domains.vision.detection_task import DeformableDetectionTask
 from tests.vision.test_detection_data import annotation_xml, voc_folder
@@ -39,9 +39,9 @@ def test_contrastive_denoising_noises_negatives_more_than_positives():
     config = tiny(denoising_queries=200)
     embed = torch.nn.Embedding(2, 64)
     targets = targets_of(([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]], [0, 1]), ([[0.5, 0.5, 0.4, 0.4]], [1]))
-    dn = make_denoising(targets, config, embed)
-    assert dn.groups == 100 and dn.boxes.shape == (2, 400, 4) and dn.content.shape == (2, 400, 64)
-    assert dn.positive.sum() == 300 and dn.negative.sum() == 300  # 3 real boxes × 100 groups each
+    dn = make_denoising(targets, config, embed)  # 200 queries: 50 groups of 2 boxes, positive and negative
+    assert dn.groups == 50 and dn.boxes.shape == (2, 200, 4) and dn.content.shape == (2, 200, 64)
+    assert dn.positive.sum() == 150 and dn.negative.sum() == 150  # 3 real boxes × 50 groups each
     assert not dn.positive[1, 1::2].any()  # the second image's padding slot is neither
     iou = box_iou(box_convert(dn.boxes[0], "cxcywh", "xyxy"), box_convert(dn.target_boxes[0], "cxcywh", "xyxy"))
     iou = iou.diagonal()
@@ -52,11 +52,31 @@ def test_contrastive_denoising_noises_negatives_more_than_positives():
     assert make_denoising(empty, config, embed) is None
 
 
-def test_group_bias_keeps_each_segment_to_itself():
-    bias = group_bias([2, 3, 1], torch.device("cpu"))
-    assert bias.shape == (6, 6)
-    assert (bias[:2, :2] == 0).all() and torch.isinf(bias[:2, 2:]).all()
-    assert (bias[2:5, 2:5] == 0).all() and torch.isinf(bias[2:5, 5:]).all() and torch.isinf(bias[5, :5]).all()
+def test_query_bias_hides_the_branches_from_each_other():
+    bias = query_bias(2, 3, [1, 2], torch.device("cpu"))  # [one-to-one 2 | one-to-many 3 | denoising 1, 2]
+    seen = bias == 0
+    assert seen.shape == (8, 8)
+    assert seen[:2, :2].all() and not seen[:2, 2:].any()  # one-to-one: itself only
+    assert seen[2:5, 2:5].all() and not seen[2:5, :2].any() and not seen[2:5, 5:].any()  # one-to-many: itself
+    assert seen[5, :2].all() and seen[5, 5] and not seen[5, 2:5].any() and not seen[5, 6:].any()  # a group
+    assert seen[6:, 6:].all() and seen[6:, :2].all() and not seen[6:, 2:6].any()
+
+
+def test_look_forward_twice_reaches_one_layer_back():
+    torch.manual_seed(0)
+    model = DeformableDETR(tiny(decoder_depth=3, denoising_queries=0, one_to_many_queries=0))
+    for layer in model.box_head.layers:  # non-zero offsets, so that the boxes depend on every layer's output
+        torch.nn.init.normal_(layer.weight, std=0.1)
+    images, padding = torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool)
+    memory, mask, shapes, ratios = model.encode(images, padding)
+    content, anchors, _ = model.queries(memory, mask, shapes, ratios, 6)
+    outputs = []
+    original = model.decoder_norm.forward
+    model.decoder_norm.forward = lambda x: outputs.append(original(x)) or outputs[-1]
+    _, boxes = model.decode(content, anchors, memory, mask, shapes, ratios, None)
+    last = torch.autograd.grad(boxes[-1].sum(), outputs, allow_unused=True, retain_graph=True)
+    assert last[0] is None or last[0].abs().max() == 0  # two layers back: no gradient
+    assert last[1].abs().max() > 0 and last[2].abs().max() > 0  # the previous layer and its own
 
 
 def test_focal_matching_pairs_boxes_and_exact_predictions_cost_nothing():

@@ -150,3 +150,17 @@ def test_detection_configs_instantiate(name, tmp_path):
     parameters = sum(p.numel() for p in cli.model.parameters())
     low, high = {"detr_bccd": (3e6, 6.25e6), "detr_r50_coco": (3.5e7, 4.5e7)}[name]  # the paper's DETR-R50: 41 M
     assert low < parameters < high  # BCCD: at most 25 MB of fp32 weights
+
+
+def test_committed_detr_weights_still_load_into_detection_task():
+    from pathlib import Path
+
+    from polyformer.domains.vision.detection_task import DetectionTask
+
+    path = Path(__file__).resolve().parents[2] / "weights" / "vision" / "detr_bccd.ckpt"
+    task = DetectionTask.load_from_checkpoint(path)
+    assert task.detr_config.queries == "anchor" and task.detr_config.denoising_groups == 5
+    images, padding = torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool)
+    with torch.no_grad():
+        found = task.eval().detect(images, padding, torch.tensor([[64, 96]]))[0]
+    assert found["boxes"].shape == (50, 4) and torch.isfinite(found["scores"]).all()
