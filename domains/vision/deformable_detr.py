@@ -49,7 +49,8 @@ from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 from polyformer.attention import MultiHeadAttention
 from polyformer.deformable import MultiScaleDeformableAttention
 from polyformer.domains.vision.backbones import BackboneConfig, MultiScaleBackbone
-from polyformer.domains.vision.detr import MLP, add_box_terms, box_positions, sine_positions_2d, with_total
+from polyformer.domains.vision.detr import (MLP, add_box_terms, box_positions, padded_targets, sine_positions_2d,
+                                            with_total)
 from polyformer.layers import FeedForward
 
 
@@ -204,12 +205,7 @@ def make_denoising(targets: list[dict[str, Tensor]], config: DeformableDETRConfi
     if most == 0:
         return None
     groups, b, device = max(config.denoising_queries // (2 * most), 1), len(targets), label_embed.weight.device
-    labels = torch.zeros(b, most, dtype=torch.long, device=device)
-    boxes = torch.full((b, most, 4), 0.5, device=device)
-    real = torch.zeros(b, most, dtype=torch.bool, device=device)
-    for i, target in enumerate(targets):
-        n = len(target["labels"])
-        labels[i, :n], boxes[i, :n], real[i, :n] = target["labels"], target["boxes"], True
+    labels, boxes, real = padded_targets(targets, device)
     # each group: the boxes twice, first as positives then as negatives
     labels, boxes, real = (t.repeat(1, 2 * groups, *([1] * (t.ndim - 2))) for t in (labels, boxes, real))
     negative = (torch.arange(2 * groups * most, device=device) // most % 2 == 1)[None].expand(b, -1)

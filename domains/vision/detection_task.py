@@ -1,7 +1,9 @@
-"""Lightning task for DETR (detr.py) on VOC-layout data (detection_data.py): DETR's set loss, COCO mAP@[.5:.95] and
-mAP@.5 through torchmetrics' MeanAveragePrecision on validation and test, and `polyformer predict` writing, in the
-run's folder under predictions/, each image's detections (JSON: every query's box, class and score, best first) and
-a picture with the true boxes (green) and the predicted ones scoring at least `score_threshold` (red, with scores)."""
+"""Lightning tasks for detection on VOC-layout data (detection_data.py): DETR (detr.py) with its set loss, and
+Deformable DETR trained the DINO way (deformable_detr.py) — both on a shared `DetectorTask`: COCO mAP@[.5:.95] and
+mAP@.5 through torchmetrics' MeanAveragePrecision on validation and test, the backbone at a reduced learning rate,
+and `polyformer predict` writing, in the run's folder under predictions/, each image's detections (JSON: box, class
+and score, best first) and a picture with the true boxes (green) and the predicted ones scoring at least
+`score_threshold` (red, with scores)."""
 
 from __future__ import annotations
 

@@ -177,18 +177,25 @@ class Denoising:
     groups: int
 
 
-def make_denoising(targets: list[dict[str, Tensor]], config: DETRConfig, label_embed: nn.Embedding) -> Denoising | None:
-    """Noised copies of every image's ground truth, `config.denoising_groups` of them; None when no image has a box."""
-    most = max(len(t["labels"]) for t in targets)
-    if most == 0:
-        return None
-    groups, b, device = config.denoising_groups, len(targets), label_embed.weight.device
+def padded_targets(targets: list[dict[str, Tensor]], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Every image's ground truth padded to the batch's most boxes t: labels (b t), boxes (b t 4) (padding: 0 and
+    a centred half-size box) and real (b t), False at padding."""
+    b, most = len(targets), max(len(t["labels"]) for t in targets)
     labels = torch.zeros(b, most, dtype=torch.long, device=device)
     boxes = torch.full((b, most, 4), 0.5, device=device)
-    valid = torch.zeros(b, most, dtype=torch.bool, device=device)
+    real = torch.zeros(b, most, dtype=torch.bool, device=device)
     for i, target in enumerate(targets):
         n = len(target["labels"])
-        labels[i, :n], boxes[i, :n], valid[i, :n] = target["labels"], target["boxes"], True
+        labels[i, :n], boxes[i, :n], real[i, :n] = target["labels"], target["boxes"], True
+    return labels, boxes, real
+
+
+def make_denoising(targets: list[dict[str, Tensor]], config: DETRConfig, label_embed: nn.Embedding) -> Denoising | None:
+    """Noised copies of every image's ground truth, `config.denoising_groups` of them; None when no image has a box."""
+    if max(len(t["labels"]) for t in targets) == 0:
+        return None
+    groups, device = config.denoising_groups, label_embed.weight.device
+    labels, boxes, valid = padded_targets(targets, device)
     labels, boxes, valid = (t.repeat(1, groups, *([1] * (t.ndim - 2))) for t in (labels, boxes, valid))
     noised_labels = torch.where(torch.rand(labels.shape, device=device) < config.label_noise,
                                 torch.randint_like(labels, config.num_classes), labels)

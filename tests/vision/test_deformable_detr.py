@@ -17,7 +17,7 @@ from polyformer.domains.vision.deformable_detr import (DeformableDETR, Deformabl
                                                        detection_loss, focal_match, make_denoising, query_bias,
                                                        set_loss, top_detections)
 from polyformer.domains.vision.detection_task import DeformableDetectionTask
-from tests.vision.test_detection_data import annotation_xml, voc_folder
+from tests.vision.test_detr import detection_cli
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "vision"
 
@@ -192,17 +192,10 @@ def test_export_to_onnx_matches_eager(tmp_path):
 
 
 def test_deformable_detection_cli_fits_tests_and_predicts(tmp_path):
-    root = voc_folder(tmp_path / "voc", annotation_xml(box=(8, 8, 40, 40)), image_size=(64, 48))
-    (root / "ImageSets" / "Main" / "val.txt").write_text("img\n")
     detector = vars(tiny(num_classes=1)) | {"backbone": vars(BackboneConfig(pretrained=False)),
                                             "loss": vars(SetLossConfig())}
-    model = json.dumps({"class_path": "polyformer.domains.vision.detection_task.DeformableDetectionTask",
-                        "init_args": {"detector": detector, "score_threshold": 0.0}})
-    data = json.dumps({"class_path": "polyformer.domains.vision.detection_data.VOCDetectionDataModule",
-                       "init_args": {"root": str(root), "classes": ["cell"], "image_size": 64, "max_size": 96,
-                                     "batch_size": 1, "num_workers": 0}})
-    common = [f"--model={model}", f"--data={data}", f"--run.root={tmp_path / 'runs'}", "--run.domain=vision",
-              "--run.name=deformable", "--trainer.enable_progress_bar=false"]
+    common = detection_cli(tmp_path, "DeformableDetectionTask", {"detector": detector, "score_threshold": 0.0},
+                           "deformable")
     PolyformerCLI(args=["fit", *common, "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1"])
     checkpoint = next((tmp_path / "runs").rglob("last.ckpt"))
     metrics = PolyformerCLI(args=["test", *common, f"--ckpt_path={checkpoint}"]).trainer.callback_metrics

@@ -107,17 +107,22 @@ def test_denoising_queries_leave_the_matching_queries_untouched_and_learn(one_to
         DETRConfig(denoising_groups=2)
 
 
-def test_detection_cli_fits_tests_and_predicts(tmp_path, one_torch_thread):
+def detection_cli(tmp_path, task: str, init_args: dict, name: str) -> list[str]:
+    """A one-image VOC folder (its only image in train and val) and the CLI arguments of `task` (a class of
+    detection_task.py) with `init_args` on it."""
     root = voc_folder(tmp_path / "voc", annotation_xml(box=(8, 8, 40, 40)), image_size=(64, 48))
     (root / "ImageSets" / "Main" / "val.txt").write_text("img\n")
-    model = json.dumps({"class_path": "polyformer.domains.vision.detection_task.DetectionTask",
-                        "init_args": {"detr": vars(tiny_detr()) | {"loss": vars(DETRLossConfig())},
-                                      "score_threshold": 0.0}})
+    model = json.dumps({"class_path": f"polyformer.domains.vision.detection_task.{task}", "init_args": init_args})
     data = json.dumps({"class_path": "polyformer.domains.vision.detection_data.VOCDetectionDataModule",
                        "init_args": {"root": str(root), "classes": ["cell"], "image_size": 64, "max_size": 96,
                                      "batch_size": 1, "num_workers": 0}})
-    common = [f"--model={model}", f"--data={data}", f"--run.root={tmp_path / 'runs'}", "--run.domain=vision",
-              "--run.name=detr", "--trainer.enable_progress_bar=false"]
+    return [f"--model={model}", f"--data={data}", f"--run.root={tmp_path / 'runs'}", "--run.domain=vision",
+            f"--run.name={name}", "--trainer.enable_progress_bar=false"]
+
+
+def test_detection_cli_fits_tests_and_predicts(tmp_path, one_torch_thread):
+    detr = vars(tiny_detr()) | {"loss": vars(DETRLossConfig())}
+    common = detection_cli(tmp_path, "DetectionTask", {"detr": detr, "score_threshold": 0.0}, "detr")
     PolyformerCLI(args=["fit", *common, "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1"])
     checkpoint = next((tmp_path / "runs").rglob("last.ckpt"))
     cli = PolyformerCLI(args=["test", *common, f"--ckpt_path={checkpoint}"])
