@@ -38,6 +38,18 @@ run_step vision "ViT-tiny digits, 120 epochs (fit + test)" \
   bash -c "polyformer fit -c configs/vision/vit_tiny_digits.yaml ${QUIET[*]} --trainer.max_epochs=120 && \
            polyformer test -c configs/vision/vit_tiny_digits.yaml ${QUIET[*]} --ckpt_path=last"
 
+# --- vision: the committed detector draws its boxes on two BCCD val images, then is scored on all 87 -----------------
+DETECTOR=(-c configs/vision/deformable_detr_bccd.yaml "${QUIET[@]}" --ckpt_path=weights/vision/deformable_detr_bccd.ckpt
+          --data.init_args.test_split=val --data.init_args.eval_batch_size=2)
+detect() {
+  polyformer predict "${DETECTOR[@]}" --trainer.limit_predict_batches=1 &&
+    echo "pictures (true boxes green, detections red):" &&
+    ls "$(ls -d "$RUNS"/vision/deformable_detr_bccd/version_* | sort -V | tail -1)"/predictions/*.png &&
+    polyformer test "${DETECTOR[@]}"
+}
+run_step vision "Deformable DETR, committed weights, BCCD val (draw 2 + test 87)" \
+  "python scripts/run_metrics.py $RUNS/vision/deformable_detr_bccd test/map50 test/map" -- detect
+
 # --- time series: PatchTST on statsmodels' bundled Mauna Loa CO2 series (univariate) -------------------------------
 run_step timeseries "PatchTST Mauna Loa CO2 (fit + test)" \
   "python scripts/run_metrics.py $RUNS/timeseries/patchtst_co2_demo test/mse test/mae" -- \
