@@ -3,7 +3,8 @@ Faster R-CNN on the same backbone, on the BCCD blood-cell images; both again fro
 the detector's pieces; seeds; latency; the deformable attention's and Swin's parity with their references.
 
     python scripts/bench_detection.py [--quick] [--json PATH] [--out DIR] [--minutes 60] [--ablation-minutes 20]
-                                      [--parts pair scratch ablation seeds latency] [--seeds 1 2] [--reuse]
+                                      [--parts pair scratch ablation seeds latency] [--seeds 1 2] [--jobs 2]
+                                      [--rows all no_one_to_many ...] [--reuse]
 
 Parts (each run recorded in DIR; --reuse reads a finished one instead of rerunning it):
 - pair: `polyformer fit -c configs/vision/deformable_detr_bccd.yaml` (max_time --minutes), then `polyformer test` of
@@ -311,6 +312,8 @@ def main() -> None:
                         choices=["pair", "scratch", "ablation", "seeds", "latency"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="seeds beside the pair's seed 0")
     parser.add_argument("--jobs", type=int, default=2, help="ablation and seed runs at a time (one thread each)")
+    parser.add_argument("--rows", nargs="+", default=list(ABLATION), choices=list(ABLATION),
+                        help="the ablation's rows (all: every piece on)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     figures = {"deform_attn_max_abs_diff": deformable_parity(), "swin_timm_max_abs_diff": swin_parity()}
@@ -330,8 +333,8 @@ def main() -> None:
                               f"--trainer.max_epochs={epochs}", "--trainer.check_val_every_n_epoch=1"]
     with ThreadPoolExecutor(args.jobs) as pool:
         if "ablation" in args.parts:
-            rows = {piece: pool.submit(train_ours, out, f"ablation_{piece}", extra + clock, quick, reuse)
-                    for piece, extra in ABLATION.items()}
+            rows = {piece: pool.submit(train_ours, out, f"ablation_{piece}", ABLATION[piece] + clock, quick, reuse)
+                    for piece in args.rows}
             figures["ablation"] = {piece: row.result()["val_map50"] for piece, row in rows.items()}
             figures["ablation_minutes"] = args.ablation_minutes
         if "seeds" in args.parts:
@@ -345,7 +348,7 @@ def main() -> None:
             figures["seeds"] = {"runs": values, "mean": statistics.mean(values.values()),
                                 "std": statistics.stdev(values.values()) if len(values) > 1 else 0.0}
     if "latency" in args.parts:
-        figures.update(latency(out, "deformable_detr_bccd", quick))
+        figures.update(recorded(out / "latency.json", reuse, lambda: latency(out, "deformable_detr_bccd", quick)))
     figures.update({"checkpoint": "weights/vision/deformable_detr_bccd.ckpt", "config": str(CONFIG.relative_to(ROOT)),
                     "quick": quick})
     for key in ("val_map50", "val_map", "peer_val_map50", "peer_val_map", "scratch_val_map50",
