@@ -263,6 +263,10 @@ def median_ms(function, inputs, repeats: int) -> float:
 
 def latency(out: Path, name: str, quick: bool) -> dict:
     """Batch 1, one thread, a val image: ours eager and through ONNX, the peer eager; alternating rounds."""
+    for weights in (out / "weights" / f"{name}.ckpt", out / "weights" / f"{name}_peer.pt"):
+        if not weights.is_file():
+            raise SystemExit(f"latency: {weights} is missing: it times the pair's trained models, so run "
+                             f"--parts pair first (with the same --out)")
     task = DeformableDetectionTask.load_from_checkpoint(out / "weights" / f"{name}.ckpt").eval()
     data_args = CONFIG_YAML["data"]["init_args"]
     data = VOCDetectionDataModule(**{key: data_args[key] for key in ("skip_bad", "image_size", "max_size")},
