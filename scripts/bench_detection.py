@@ -184,6 +184,11 @@ def evaluate_peer(model, data: VOCDetectionDataModule, quick: bool) -> dict:
     return {"map50": float(results["map_50"]), "map": float(results["map"])}
 
 
+def config_data(**overrides) -> VOCDetectionDataModule:
+    """The detector config's data module (BCCD, its resolution and batch), `overrides` replacing its settings."""
+    return VOCDetectionDataModule(**{**CONFIG_YAML["data"]["init_args"], **overrides})
+
+
 def peer_backbone(pretrained: bool) -> BackboneConfig:
     """Ours' backbone config (as the detector config has it), pre-trained or from random weights."""
     settings = CONFIG_YAML["model"]["init_args"]["detector"]["backbone"]
@@ -198,9 +203,7 @@ def train_peer(minutes: float, quick: bool, pretrained: bool, weights: Path) -> 
     our batch, warm-up shortened to 100 steps for an hour's ~500; gradient norm clipped at 10. A non-finite loss
     stops it, naming the step."""
     torch.manual_seed(0)
-    data_args = CONFIG_YAML["data"]["init_args"]
-    data = VOCDetectionDataModule(**{key: data_args[key] for key in ("skip_bad", "batch_size", "image_size",
-                                                                      "max_size", "num_workers")})
+    data = config_data()
     data.setup("fit")
     model = faster_rcnn(peer_backbone(pretrained), data.num_classes, min_size=data.image_size, max_size=data.max_size)
     lr = 0.02 * data.batch_size / 16
@@ -268,9 +271,7 @@ def latency(out: Path, name: str, quick: bool) -> dict:
             raise SystemExit(f"latency: {weights} is missing: it times the pair's trained models, so run "
                              f"--parts pair first (with the same --out)")
     task = DeformableDetectionTask.load_from_checkpoint(out / "weights" / f"{name}.ckpt").eval()
-    data_args = CONFIG_YAML["data"]["init_args"]
-    data = VOCDetectionDataModule(**{key: data_args[key] for key in ("skip_bad", "image_size", "max_size")},
-                                  batch_size=1, num_workers=0)
+    data = config_data(batch_size=1, num_workers=0)
     data.setup("validate")
     images, padding, _ = next(iter(data.val_dataloader()))
     height, width = task.export_size
@@ -303,7 +304,8 @@ def latency(out: Path, name: str, quick: bool) -> dict:
 
 def parameters(out: Path, name: str) -> dict:
     task = DeformableDetectionTask.load_from_checkpoint(out / "weights" / f"{name}.ckpt")
-    peer = faster_rcnn(peer_backbone(True), task.num_classes, min_size=384, max_size=512)
+    data = config_data()
+    peer = faster_rcnn(peer_backbone(True), task.num_classes, min_size=data.image_size, max_size=data.max_size)
     return {"ours": sum(p.numel() for p in task.model.parameters()),
             "peer": sum(p.numel() for p in peer.parameters())}
 
