@@ -32,7 +32,6 @@ from __future__ import annotations
 import csv
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,13 +40,11 @@ from pathlib import Path
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pretrain import QUICK, fit_and_test, polyformer, run, runs_parser, summarise, write_json  # noqa: E402  shared helpers
-
-from polyformer.deploy import (OnnxModel, export_onnx, file_megabytes, max_abs_diff,  # noqa: E402
-                               quantize_int8, task_from)
-from polyformer.cli import newest_version  # noqa: E402
-from polyformer.training import PolyformerTask, import_class  # noqa: E402
+from polyformer.bench import QUICK, fit_and_test, polyformer, run, runs_parser, summarise, write_json
+from polyformer.checkpoint import import_class
+from polyformer.cli import newest_version, task_from
+from polyformer.deploy import OnnxModel, export_onnx, file_megabytes, max_abs_diff, quantize_int8
+from polyformer.training import PolyformerTask
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS, WEIGHTS = ROOT / "configs", ROOT / "weights"

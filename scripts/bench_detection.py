@@ -35,7 +35,6 @@ onnx_max_abs_diff; params (ours, peer); deform_attn_max_abs_diff; swin_timm_max_
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -56,11 +55,9 @@ from polyformer.domains.vision.detection_data import IMAGENET_MEAN, IMAGENET_STD
 from polyformer.domains.vision.detection_task import DeformableDetectionTask, pixel_boxes
 from polyformer.domains.vision.faster_rcnn import faster_rcnn
 from polyformer.domains.vision.swin import SwinTransformer
-from polyformer.finetune import save_weights
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pretrain import (QUICK, ROOT, bench_parser, finished, last_value, polyformer, recorded, run,  # noqa: E402
-                            write_json)
+from polyformer.bench import QUICK, bench_parser, finished, last_value, polyformer, recorded, run, write_json
+from polyformer.checkpoint import save_weights
+from polyformer.data import PROJECT_ROOT as ROOT
 
 CONFIG = ROOT / "configs" / "vision" / "deformable_detr_bccd.yaml"
 CONFIG_YAML = yaml.safe_load(CONFIG.read_text())

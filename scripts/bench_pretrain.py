@@ -21,82 +21,16 @@ pretrain_minutes (domain → minutes of the pre-training fit).
 
 from __future__ import annotations
 
-import argparse
-import csv
-import json
-import os
-import shlex
-import statistics
-import subprocess
-import sys
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from polyformer.cli import newest_version, version_numbers
-from polyformer.finetune import save_weights
+from polyformer.bench import QUICK, fit_and_test, polyformer, recorded, run, runs_parser, summarise, write_json
+from polyformer.checkpoint import save_weights
+from polyformer.cli import newest_version
+from polyformer.data import PROJECT_ROOT as ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 HORIZONS = (96, 192, 336, 720)
-QUICK = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
-         "--trainer.limit_test_batches=2", "--trainer.check_val_every_n_epoch=1"]
-
-
-def polyformer(*args: str) -> list[str]:
-    """The CLI through this interpreter, so the script works without an activated virtual environment."""
-    return [sys.executable, "-m", "polyformer.cli", *args]
-
-
-def run(command: list[str], log: Path) -> float:
-    """Runs a command (one torch thread), its output to `log`; returns wall seconds."""
-    print("$", shlex.join(command), flush=True)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with log.open("w") as out:
-        result = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if result.returncode:
-        raise SystemExit(f"failed ({result.returncode}): {shlex.join(command)}; see {log}")
-    return time.perf_counter() - start
-
-
-def last_value(run_dir: Path, name: str) -> float:
-    """The last logged value of a metric in the newest version of a run that logged it (a fit's validation metrics
-    sit in an older version than the test run of its checkpoint)."""
-    for version in reversed(version_numbers(run_dir)):
-        value = None
-        metrics = run_dir / f"version_{version}" / "metrics.csv"
-        if metrics.is_file():
-            with metrics.open() as f:
-                for row in csv.DictReader(f):
-                    value = row.get(name) or value
-        if value is not None:
-            return float(value)
-    raise SystemExit(f"{name} not logged in any version under {run_dir}")
-
-
-def finished(run_dir: Path, name: str) -> float | None:
-    """The metric of a run already finished (a version logged it), else None."""
-    try:
-        return last_value(run_dir, name)
-    except (FileNotFoundError, SystemExit):
-        return None
-
-
-def fit_and_test(config: Path, out: Path, name: str, extra: list[str], checkpoint: str, metric: str,
-                 reuse: bool) -> float:
-    """`polyformer fit` then `polyformer test` of its `checkpoint` (best / last); returns the test metric."""
-    run_dir = out / "runs" / config.parent.name / name
-    if reuse and (value := finished(run_dir, metric)) is not None:
-        print(f"reusing {run_dir}: {metric} {value:.4f}", flush=True)
-        return value
-    where = [f"--run.root={out / 'runs'}", f"--run.name={name}"]
-    run(polyformer("fit", "-c", str(config), *where, *extra), out / "logs" / f"{name}.fit.log")
-    ckpt = newest_version(run_dir) / "checkpoints" / f"{checkpoint}.ckpt"
-    run(polyformer("test", "-c", str(config), *where, *extra, f"--ckpt_path={ckpt}"), out / "logs" / f"{name}.test.log")
-    return last_value(run_dir, metric)
 
 
 def pretrain(config: Path, out: Path, extra: list[str], reuse: bool) -> tuple[Path, float]:
@@ -113,31 +47,6 @@ def pretrain(config: Path, out: Path, extra: list[str], reuse: bool) -> tuple[Pa
         return {"minutes": seconds / 60, "sha256": digest, "checkpoint": str(best)}
 
     return weights, recorded(out / "weights" / f"{name}.json", reuse, fit, done=weights.is_file())["minutes"]
-
-
-def recorded(record: Path, reuse: bool, produce: Callable[[], dict], done: bool = True) -> dict:
-    """The JSON record of a piece of work: read from `record` when reusing and `done` (the work it describes is
-    complete), else `produce()`d, written there and returned; lets a benchmark finish over several sittings."""
-    if reuse and done and record.is_file():
-        print(f"reusing {record}", flush=True)
-        return json.loads(record.read_text())
-    value = produce()
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(value) + "\n")
-    return value
-
-
-def write_json(path: Path | None, figures: dict) -> None:
-    """The figures as JSON at `path` (nothing when None), as the benchmark measured them."""
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(figures, indent=2) + "\n")
-        print(f"wrote {path}")
-
-
-def summarise(runs: dict[int, float]) -> tuple[float, float]:
-    values = list(runs.values())
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def vision_jobs(out: Path, weights: Path, seeds: list[int], quick: bool, reuse: bool) -> dict[tuple, tuple]:
@@ -167,25 +76,6 @@ def timeseries_jobs(out: Path, weights: Path, seeds: list[int], quick: bool, reu
                 name = f"etth1_{horizon}_{start}_seed{seed}"
                 jobs["timeseries", horizon, start, seed] = (config, out, name, extra, "best", "test/mse", reuse)
     return jobs
-
-
-def bench_parser(description: str, out: Path) -> argparse.ArgumentParser:
-    """The options every benchmark made of `polyformer` runs takes: --quick, --json, --out, --reuse."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="a few batches of everything: checks the script only")
-    parser.add_argument("--json", type=Path, help="write the figures here")
-    parser.add_argument("--out", type=Path, default=out, help="runs, logs and what the runs write")
-    parser.add_argument("--reuse", action="store_true", help="read runs already finished in --out instead of rerunning")
-    return parser
-
-
-def runs_parser(description: str, out: Path, domains: list[str]) -> argparse.ArgumentParser:
-    """bench_parser's options, and --jobs, --seeds, --domains (this benchmark and bench_deploy.py)."""
-    parser = bench_parser(description, out)
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one torch thread each)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--domains", nargs="+", default=domains, choices=domains)
-    return parser
 
 
 def main() -> None:

@@ -37,8 +37,8 @@ from scipy.stats import spearmanr
 
 from polyformer.cli import newest_with
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pretrain import QUICK, ROOT, bench_parser, finished, last_value, polyformer, run, write_json  # noqa: E402
+from polyformer.bench import QUICK, bench_parser, finished, last_value, polyformer, run, write_json
+from polyformer.data import PROJECT_ROOT as ROOT
 
 DIGITS = ROOT / "configs" / "vision" / "vit_tiny_digits.yaml"
 AUGMENT = {"shift": [], "full": ["--data.init_args.max_rotation=10", "--data.init_args.max_scale=0.1"]}

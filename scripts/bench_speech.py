@@ -26,9 +26,9 @@ test_cer, test_wer, heldout_voice_cer, train_seconds.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -42,6 +42,7 @@ import torchaudio
 import yaml
 from torch import Tensor, nn
 
+from polyformer.bench import last_values
 from polyformer.cli import newest_version, newest_with
 from polyformer.domains.speech.conformer import ConformerConfig
 from polyformer.domains.speech.model import SpeechModelConfig, SpeechRecognizer
@@ -136,13 +137,6 @@ def run(command: list[str]) -> None:
     subprocess.run(command, check=True, cwd=ROOT)
 
 
-def last_metrics(metrics_csv: Path) -> dict[str, float]:
-    values = {}
-    for row in csv.DictReader(open(metrics_csv)):
-        values.update({key: float(value) for key, value in row.items() if value not in ("", None)})
-    return values
-
-
 def accuracy(quick: bool, ckpt: str | None, workdir: Path) -> dict:
     """Trains the tiny config (unless --ckpt), then tests it on the test and held-out splits."""
     if quick and ckpt is None:
@@ -169,10 +163,10 @@ def accuracy(quick: bool, ckpt: str | None, workdir: Path) -> dict:
     else:  # the fit's own clock: the Throughput callback's train/time in the checkpoint's run folder
         fit_metrics = Path(ckpt).resolve().parents[1] / "metrics.csv"
         if fit_metrics.is_file():
-            train_seconds = last_metrics(fit_metrics).get("train/time")
+            train_seconds = last_values(fit_metrics).get("train/time")
     run(base + ["test", "-c", str(CONFIG), "--ckpt_path", ckpt] + overrides + runs)
     test_dir = newest_version(runs_root / "speech" / "bench")
-    metrics = last_metrics(test_dir / "metrics.csv")
+    metrics = last_values(test_dir / "metrics.csv")
     return {"test_cer": metrics["test/test/cer"], "test_wer": metrics["test/test/wer"],
             "heldout_voice_cer": metrics["test/heldout/cer"], "heldout_voice_wer": metrics["test/heldout/wer"],
             "train_seconds": round(train_seconds, 1) if train_seconds is not None else None, "checkpoint": ckpt}
@@ -185,22 +179,14 @@ def main() -> None:
     parser.add_argument("--ckpt", type=str, default=None,
                         help="test this tiny-config checkpoint on the benchmark corpus, no training")
     parser.add_argument("--skip-accuracy", action="store_true", help="throughput only")
-    parser.add_argument("--real", action="store_true", help="the recipes on real LibriSpeech (bench_speech_real.py)")
-    parser.add_argument("--recipes", default="a,b,c,d", help="--real: which recipes, comma-separated")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "speech_real", help="--real: runs and logs")
-    parser.add_argument("--reuse", action="store_true", help="--real: read the stages already fitted in --out")
-    parser.add_argument("--seeds", type=int, nargs="*", default=[],
-                        help="--real: the best recipe's last fine-tuning again at these seeds (the recipes run at 0)")
-    args = parser.parse_args()
-    if args.real:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_speech_real import RECIPES, real_benchmark
-
-        recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-        if not recipes or set(recipes) - RECIPES.keys():
-            raise SystemExit(f"--recipes: expected some of {sorted(RECIPES)}, found {args.recipes!r}")
-        real_benchmark(args.out, recipes, args.quick, args.json, args.reuse, args.seeds)
-        return
+    parser.add_argument("--real", action="store_true",
+                        help="the recipes on real LibriSpeech: hands every other option to scripts/bench_speech_real.py")
+    args, rest = parser.parse_known_args()
+    if args.real:  # that benchmark's own entry point, in this interpreter
+        forwarded = [arg for arg in sys.argv[1:] if arg != "--real"]
+        os.execv(sys.executable, [sys.executable, str(Path(__file__).with_name("bench_speech_real.py")), *forwarded])
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     results = throughput(args.quick)
     print(json.dumps(results, indent=2), flush=True)
     if not args.skip_accuracy:

@@ -1,6 +1,6 @@
-"""Issue 10's recipes on real LibriSpeech, end to end (run through `python scripts/bench_speech.py --real`).
+"""Issue 10's recipes on real LibriSpeech, end to end (also `python scripts/bench_speech.py --real ...`).
 
-    python scripts/bench_speech.py --real [--quick] [--json PATH] [--recipes a,b,c,d] [--seeds 1 2] [--out DIR]
+    python scripts/bench_speech_real.py [--quick] [--json PATH] [--recipes a,b,c,d] [--seeds 1 2] [--out DIR]
                                    [--reuse]
 
 Stages, each a `polyformer fit` whose minutes count toward every recipe that uses it:
@@ -33,14 +33,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench_pretrain import QUICK, ROOT, last_value, polyformer, recorded, run, summarise, write_json
-from make_synthetic_librispeech import read_sources, sentences_from
 
+from polyformer.bench import QUICK, bench_parser, last_value, polyformer, recorded, run, summarise, write_json
 from polyformer.cli import newest_version
+from polyformer.data import PROJECT_ROOT as ROOT
 from polyformer.data import shared_data_dir
 from polyformer.domains.speech.data import read_split
 from polyformer.domains.speech.lm import lexicon_lines, witten_bell_arpa
-from polyformer.finetune import save_weights
+from polyformer.domains.speech.text import read_sources, sentences_from
+from polyformer.checkpoint import save_weights
 
 CONFIGS = ROOT / "configs" / "speech"
 REAL = shared_data_dir() / "speech" / "librispeech-sample"
@@ -131,7 +132,7 @@ class Pipeline:
                            "--data.init_args.test_splits=[dev]", *decoding, *self.limits),
                 self.out / "logs" / f"{name}.test_{tag}.log")
             run_dir = self.out / "runs" / "speech" / name
-            return {"cer": last_value(run_dir, "test/dev/cer"), "wer": last_value(run_dir, "test/dev/wer"),
+            return {"cer": last_value(run_dir, "test/cer"), "wer": last_value(run_dir, "test/wer"),
                     "checkpoint": str(checkpoint)}
 
         return recorded(self.out / "tests" / f"{name}_{tag}.json", self.reuse, evaluate)
@@ -179,3 +180,19 @@ def real_benchmark(out: Path, recipes: list[str], quick: bool, json_path: Path |
               f"{figures['best_dev_wer_lm_std']:.3f}")
     write_json(json_path, figures)
     return figures
+
+
+def main() -> None:
+    parser = bench_parser(__doc__.splitlines()[0], ROOT / "bench_out" / "speech_real")
+    parser.add_argument("--recipes", default="a,b,c,d", help="which recipes, comma-separated")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[],
+                        help="the best recipe's last fine-tuning again at these seeds (the recipes run at 0)")
+    args = parser.parse_args()
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    if not recipes or set(recipes) - RECIPES.keys():
+        raise SystemExit(f"--recipes: expected some of {sorted(RECIPES)}, found {args.recipes!r}")
+    real_benchmark(args.out, recipes, args.quick, args.json, args.reuse, args.seeds)
+
+
+if __name__ == "__main__":
+    main()

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import yaml
 
 from polyformer.cli import newest_version
-from polyformer.training import import_class
+from polyformer.checkpoint import import_class
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = ROOT / "configs" / "vision" / "vit_tiny_digits.yaml"
@@ -48,11 +48,11 @@ def throughput(model_name: str, batch: int, img_size: int, rounds: int, repeats:
     """Images/s of ours and timm's, alternating inside every round so both see the same machine load."""
     import timm
 
-    from polyformer.domains.vision import VisionTransformer
+    from polyformer.domains.vision.timm_compat import vit_from_timm
 
     torch.manual_seed(0)
     theirs = timm.create_model(model_name, pretrained=False, img_size=img_size)
-    ours = VisionTransformer.from_timm(theirs)
+    ours = vit_from_timm(theirs)
     # ours reads the class token only: its last block computes queries, feed-forward and norm there alone (timm's
     # computes every token's and then keeps one). The same model without that skip does timm's work exactly:
     models = {"ours": ours, "timm": theirs, "ours_full_readout": FullReadout(ours)}

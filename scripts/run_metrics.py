@@ -3,19 +3,11 @@
     python scripts/run_metrics.py runs/core/sort_tiny test/sequence_acc test/token_acc
 """
 
-import csv
 import sys
 from pathlib import Path
 
+from polyformer.bench import last_values
 from polyformer.cli import newest_version
-
-
-def last_values(metrics_csv: Path) -> dict[str, str]:
-    values: dict[str, str] = {}
-    with metrics_csv.open() as f:
-        for row in csv.DictReader(f):
-            values.update({key: value for key, value in row.items() if value not in ("", None)})
-    return values
 
 
 def main() -> None:
@@ -29,7 +21,7 @@ def main() -> None:
     missing = [n for n in names if n not in values]
     if missing:
         raise SystemExit(f"run_metrics: {missing} not logged in {run_dir}; logged: {sorted(values)}")
-    print(" ".join(f"{n}={float(values[n]):.4f}" for n in names))
+    print(" ".join(f"{n}={values[n]:.4f}" for n in names))
 
 
 if __name__ == "__main__":

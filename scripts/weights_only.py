@@ -6,7 +6,7 @@
 import argparse
 from pathlib import Path
 
-from polyformer.finetune import save_weights
+from polyformer.checkpoint import save_weights
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import torch
 
 from polyformer.cli import PolyformerCLI
 from polyformer.toy import SortingTask
-from polyformer.training import load_checkpoint
+from polyformer.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "core" / "sort_tiny.yaml"

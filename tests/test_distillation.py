@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from polyformer.distillation import DistillConfig, soft_target_loss
 from polyformer.domains.timeseries import PatchTSTConfig, PatchTSTTask
 from polyformer.domains.vision import DigitsDataModule, ImageClassificationTask, ViTConfig
-from polyformer.training import to_plain
+from polyformer.checkpoint import to_plain
 from polyformer.transformer import TransformerConfig
 
 TINY_VIT = ViTConfig(img_size=8, patch_size=2, in_chans=1, num_classes=10, dim=32, depth=1, heads=2, mlp_ratio=2.0)

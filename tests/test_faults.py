@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from polyformer.faults import CheckpointError, write_atomically
+from polyformer.checkpoint import CheckpointError, load_checkpoint, write_atomically
 from polyformer.toy import SortingTask
-from polyformer.training import load_checkpoint
 from polyformer.transformer import TransformerConfig
 
 ROOT = Path(__file__).resolve().parents[1]

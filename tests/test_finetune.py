@@ -7,7 +7,8 @@ import lightning as L
 import pytest
 import torch
 
-from polyformer.finetune import FinetuneConfig, layer_ids, save_weights
+from polyformer.checkpoint import save_weights
+from polyformer.finetune import FinetuneConfig, layer_ids
 from polyformer.toy import SortingDataModule, SortingTask
 from polyformer.training import OptimizerConfig
 from polyformer.transformer import TransformerConfig

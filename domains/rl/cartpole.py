@@ -9,10 +9,27 @@ has to stitch its return-conditioned behaviour from mostly imperfect play.
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
+
+
+@contextmanager
+def minari_root(root: Path):
+    """Points Minari (which reads MINARI_DATASETS_PATH at call time) at `root` for the duration of a block."""
+    previous = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(root)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MINARI_DATASETS_PATH")
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = previous
+
 
 CARTPOLE_DATASET = "polyformer/cartpole/mixed-v0"
 
@@ -61,8 +78,6 @@ def make_cartpole_dataset(root: Path, *, episodes: int = 200, seed: int = 0, dat
     """Writes the dataset under a Minari root (replacing an older copy) and returns it."""
     import minari
     from minari.data_collector import EpisodeBuffer
-
-    from polyformer.domains.rl.data import minari_root
 
     buffers = collect_cartpole(episodes, seed=seed)
     with minari_root(Path(root)):

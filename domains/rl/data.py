@@ -13,7 +13,6 @@ CartPole dataset (cartpole.py) is generated on first use under <project>/data/mi
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from polyformer.domains.rl.cartpole import CARTPOLE_DATASET, ensure_cartpole_dataset, minari_root
 from polyformer.data import PROJECT_ROOT, fetch_and_extract, make_loader, shared_data_dir
 
 
@@ -37,20 +37,6 @@ def default_minari_root() -> Path:
 def local_minari_root() -> Path:
     """Where the project writes the datasets it generates itself (git-ignored)."""
     return PROJECT_ROOT / "data" / "minari"
-
-
-@contextmanager
-def minari_root(root: Path):
-    """Points Minari (which reads MINARI_DATASETS_PATH at call time) at `root` for the duration of a block."""
-    previous = os.environ.get("MINARI_DATASETS_PATH")
-    os.environ["MINARI_DATASETS_PATH"] = str(root)
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("MINARI_DATASETS_PATH")
-        else:
-            os.environ["MINARI_DATASETS_PATH"] = previous
 
 
 @dataclass
@@ -181,7 +167,6 @@ def load_offline_data(dataset: str, env_id: str | None = None, *, root: str | Pa
     """Loads and checks a Minari dataset; env_id defaults to the environment the dataset records."""
     import minari
 
-    from polyformer.domains.rl.cartpole import CARTPOLE_DATASET, ensure_cartpole_dataset
 
     if dataset == CARTPOLE_DATASET:
         root = Path(root) if root is not None else local_minari_root()

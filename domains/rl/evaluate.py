@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from polyformer.checkpoint import load_checkpoint, task_class
 from polyformer.domains.rl.model import BehaviourCloning, DecisionTransformer
 from polyformer.training import eval_mode
 
@@ -245,15 +246,8 @@ def format_rows(name: str, rows: list[dict]) -> str:
 
 
 def load_task(path: str) -> Callable:
-    """The DT or BC task stored in a checkpoint (by the class LightningCLI recorded, else by its weights)."""
-    from polyformer.domains.rl.task import BCTask, DecisionTransformerTask
-    from polyformer.training import load_checkpoint
-
-    checkpoint = load_checkpoint(path)
-    class_path = str(checkpoint.get("hyper_parameters", {}).get("_class_path", ""))
-    is_bc = class_path.endswith("BCTask") or (not class_path and any(
-        k.startswith("model.mlp.") for k in checkpoint["state_dict"]))
-    return (BCTask if is_bc else DecisionTransformerTask).load_from_checkpoint(path)
+    """The DT or BC task stored in a checkpoint, of the class `polyformer fit` recorded in it."""
+    return task_class(load_checkpoint(path), source=path).load_from_checkpoint(path)
 
 
 def main(argv: list[str] | None = None) -> None:

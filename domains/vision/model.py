@@ -254,24 +254,6 @@ class VisionTransformer(nn.Module):
         if self.head_dist is not None:
             self.head_dist = self.new_head(num_classes)
 
-    # ---- timm interchange (details in timm_compat.py) ---------------------------------------------------------
-    @classmethod
-    def from_timm(cls, timm_model: nn.Module) -> VisionTransformer:
-        """Same architecture and weights as a timm VisionTransformer (or VisionTransformerDistilled) instance."""
-        from polyformer.domains.vision.timm_compat import config_from_timm
-
-        model = cls(config_from_timm(timm_model))
-        model.load_state_dict(timm_model.state_dict(), strict=True)
-        return model
-
-    def to_timm(self) -> nn.Module:
-        """A timm model of the same architecture holding these weights (timm's own forward)."""
-        from polyformer.domains.vision.timm_compat import timm_model_for
-
-        model = timm_model_for(self.config)
-        model.load_state_dict(self.state_dict(), strict=True)
-        return model
-
     def load_pretrained(self, state_dict: dict[str, Tensor]) -> None:
         """Loads timm-named weights from a model of another resolution or class count (see adapt_pretrained); every
         other tensor must be there and fit."""

@@ -17,7 +17,8 @@ from polyformer.domains.vision.model import ViTConfig, VisionTransformer, pair
 from polyformer.domains.vision.timm_compat import timm_weights
 from polyformer.deploy import Exportable
 from polyformer.distillation import DistillConfig, TeacherHolder, soft_target_loss
-from polyformer.finetune import FinetuneConfig, read_pretrained
+from polyformer.checkpoint import read_pretrained
+from polyformer.finetune import FinetuneConfig
 from polyformer.training import OptimizerConfig, PolyformerTask
 
 
@@ -71,7 +72,7 @@ class ImageClassificationTask(PolyformerTask):
         self._teacher: list[nn.Module] = []  # a list keeps the teacher out of state_dict, checkpoints and optimizer
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = self.datamodule
         data_classes = getattr(datamodule, "num_classes", None)
         if data_classes is not None and data_classes != self.vit_config.num_classes:
             raise ValueError(f"the data has {data_classes} classes, the model vit.num_classes="

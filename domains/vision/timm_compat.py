@@ -1,5 +1,5 @@
-"""Interchange with timm: read a ViTConfig off a timm VisionTransformer, build the timm model of a ViTConfig, and
-fetch timm's pretrained weights for `init_from: timm:<name>`.
+"""Interchange with timm: `vit_from_timm` (our VisionTransformer of a timm VisionTransformer's architecture and
+weights), `vit_to_timm` (the reverse), and timm's pretrained weights for `init_from: timm:<name>`.
 
 The state-dict names are the same on both sides (patch_embed.proj, cls_token, reg_token, dist_token, pos_embed,
 blocks.i.{norm1, attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}, norm, fc_norm, head, head_dist),
@@ -96,6 +96,20 @@ def timm_model_for(config: ViTConfig, *, dynamic_img_size: bool = True) -> nn.Mo
         drop_path_rate=c.drop_path_rate,
     )
     return VisionTransformerDistilled(**kwargs) if c.distilled else TimmViT(**kwargs)
+
+
+def vit_from_timm(timm_model: nn.Module) -> VisionTransformer:
+    """Same architecture and weights as a timm VisionTransformer (or VisionTransformerDistilled) instance."""
+    model = VisionTransformer(config_from_timm(timm_model))
+    model.load_state_dict(timm_model.state_dict(), strict=True)
+    return model
+
+
+def vit_to_timm(model: VisionTransformer) -> nn.Module:
+    """A timm model of the same architecture holding `model`'s weights (timm's own forward)."""
+    theirs = timm_model_for(model.config)
+    theirs.load_state_dict(model.state_dict(), strict=True)
+    return theirs
 
 
 def timm_weights(source: str) -> dict[str, Tensor]:

@@ -17,21 +17,26 @@ with one line naming the file and what is wrong; in a multi-process run, a rank 
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from polyformer.faults import (AtomicCheckpointIO, CheckpointError, NonFiniteError, RankFaults, StopOnNonFinite,
-                               load_weights, share_rank_faults)
-from polyformer.training import PolyformerTask, Throughput, import_class, load_checkpoint
+from polyformer.checkpoint import CheckpointError, import_class, load_checkpoint, load_weights, task_class
+from polyformer.deploy import ExportError, max_abs_diff
+from polyformer.faults import AtomicCheckpointIO, NonFiniteError, RankFaults, StopOnNonFinite, share_rank_faults
+from polyformer.training import PolyformerTask, Throughput
 
 
 def version_numbers(run_dir: Path) -> list[int]:
@@ -192,11 +197,47 @@ class PolyformerCLI(LightningCLI):
         return trainer
 
 
+def task_from(configs: Sequence[str], ckpt_path: str) -> PolyformerTask:
+    """The task stored in a checkpoint, its class from the last config's model.class_path (else the one
+    LightningCLI recorded in the checkpoint)."""
+    class_path = None
+    for config in configs:
+        with open(config) as file:
+            model = (yaml.safe_load(file) or {}).get("model") or {}
+        class_path = model.get("class_path", class_path) if isinstance(model, dict) else class_path
+    cls = import_class(class_path) if class_path else task_class(load_checkpoint(ckpt_path), source=ckpt_path)
+    return cls.load_from_checkpoint(ckpt_path).eval()
+
+
+def export_command(argv: Sequence[str]) -> None:
+    """polyformer export -c <config> --ckpt_path <ckpt> --format onnx|pt2 --out <path> [--no-check]"""
+    parser = argparse.ArgumentParser(prog="polyformer export", description=(
+        "Export a trained task's inference model (the ViT classifier, the CTC recognizer, a forecaster, the DT's "
+        "acting step) to ONNX or torch.export (.pt2), then check it against eager PyTorch on inputs of three shapes."))
+    parser.add_argument("-c", "--config", action="append", default=[], help="the training config (model.class_path)")
+    parser.add_argument("--ckpt_path", required=True, help="Lightning or weights-only checkpoint")
+    parser.add_argument("--format", choices=("onnx", "pt2"), default="onnx")
+    parser.add_argument("--out", required=True, help="file to write (.onnx or .pt2)")
+    parser.add_argument("--no-check", dest="check", action="store_false", help="skip the comparison with eager")
+    args = parser.parse_args(list(argv))
+    try:
+        task = task_from(args.config, args.ckpt_path)
+        exportable = task.exportable()
+        print(f"polyformer export: {type(task).__name__} → {args.out} ({args.format}): {exportable.description}")
+        exported = exportable.export(args.out, args.format)
+    except (CheckpointError, ExportError, ImportError, NotImplementedError, FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"polyformer export: {error}") from None
+    if args.check:
+        torch.manual_seed(0)
+        inputs = exportable.check_inputs()
+        diff = max_abs_diff(exportable.module, exported, inputs)
+        shapes = "; ".join(", ".join(str(tuple(t.shape)) for t in example[:2]) for example in inputs)
+        print(f"polyformer export: max |eager − exported| = {diff:.3g} over three input shapes ({shapes})")
+
+
 def main(args: Any = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["export"]:  # not a Lightning subcommand: polyformer.deploy's
-        from polyformer.deploy import export_command
-
+    if argv[:1] == ["export"]:  # not a Lightning subcommand
         return export_command(argv[1:])
     try:
         PolyformerCLI(args=args)

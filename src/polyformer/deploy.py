@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from polyformer.faults import write_atomically
+from polyformer.checkpoint import write_atomically
 
 if TYPE_CHECKING:
     import onnx
@@ -302,57 +302,3 @@ def max_abs_diff(reference: Callable, candidate: Callable, inputs: Sequence[tupl
 
 def file_megabytes(path: str | Path) -> float:
     return Path(path).stat().st_size / 1e6
-
-
-
-def task_from(configs: Sequence[str], ckpt_path: str):
-    """The task stored in a checkpoint, its class from the last config's model.class_path (else the one
-    LightningCLI recorded in the checkpoint)."""
-    import yaml
-
-    from polyformer.distillation import task_class
-    from polyformer.training import PolyformerTask, import_class, load_checkpoint
-
-    class_path = None
-    for config in configs:
-        with open(config) as file:
-            model = (yaml.safe_load(file) or {}).get("model") or {}
-        class_path = model.get("class_path", class_path) if isinstance(model, dict) else class_path
-    if class_path:
-        cls = import_class(class_path)
-    else:
-        cls = task_class(load_checkpoint(ckpt_path), PolyformerTask)
-    if cls is PolyformerTask:
-        raise ValueError(f"--ckpt_path {ckpt_path}: its task class is unknown: give the config it was trained with "
-                         f"(-c <config>, whose model.class_path names it)")
-    return cls.load_from_checkpoint(ckpt_path).eval()
-
-
-def export_command(argv: Sequence[str]) -> None:
-    """polyformer export -c <config> --ckpt_path <ckpt> --format onnx|pt2 --out <path> [--no-check]"""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="polyformer export", description=(
-        "Export a trained task's inference model (the ViT classifier, the CTC recognizer, a forecaster, the DT's "
-        "acting step) to ONNX or torch.export (.pt2), then check it against eager PyTorch on inputs of three shapes."))
-    parser.add_argument("-c", "--config", action="append", default=[], help="the training config (model.class_path)")
-    parser.add_argument("--ckpt_path", required=True, help="Lightning or weights-only checkpoint")
-    parser.add_argument("--format", choices=("onnx", "pt2"), default="onnx")
-    parser.add_argument("--out", required=True, help="file to write (.onnx or .pt2)")
-    parser.add_argument("--no-check", dest="check", action="store_false", help="skip the comparison with eager")
-    args = parser.parse_args(list(argv))
-    from polyformer.faults import CheckpointError
-
-    try:
-        task = task_from(args.config, args.ckpt_path)
-        exportable = task.exportable()
-        print(f"polyformer export: {type(task).__name__} → {args.out} ({args.format}): {exportable.description}")
-        exported = exportable.export(args.out, args.format)
-    except (CheckpointError, ExportError, NotImplementedError, FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"polyformer export: {error}") from None
-    if args.check:
-        torch.manual_seed(0)
-        inputs = exportable.check_inputs()
-        diff = max_abs_diff(exportable.module, exported, inputs)
-        shapes = "; ".join(", ".join(str(tuple(t.shape)) for t in example[:2]) for example in inputs)
-        print(f"polyformer export: max |eager − exported| = {diff:.3g} over three input shapes ({shapes})")

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from polyformer.checkpoint import load_checkpoint, task_class
+
 if TYPE_CHECKING:
     from polyformer.training import PolyformerTask
 
@@ -57,20 +59,8 @@ def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature
     return kl.mean() * temperature**2
 
 
-def task_class(checkpoint: dict, default: type) -> type:
-    """The task class LightningCLI recorded in a checkpoint's hyper-parameters, else `default`."""
-    class_path = str((checkpoint.get("hyper_parameters") or {}).get("_class_path") or "")
-    if not class_path:
-        return default
-    from polyformer.training import import_class  # training imports this module
-
-    return import_class(class_path)
-
-
 def load_teacher(source: str, student: PolyformerTask) -> nn.Module:
     """The model of the task stored at `source`, frozen and in eval mode."""
-    from polyformer.training import load_checkpoint  # training imports this module
-
     checkpoint = load_checkpoint(source)
     teacher = task_class(checkpoint, type(student)).load_from_checkpoint(source)
     return teacher.model.eval().requires_grad_(False)

@@ -5,8 +5,8 @@ multi-process runs that end together when one rank raises.
   the old one: a process killed mid-write (SIGKILL, power loss) leaves the previous checkpoint whole.
 - `StopOnNonFinite` stops training at the first NaN or inf loss, before the optimizer step would spread it into the
   weights, and refuses to write a checkpoint whose parameters are not finite: the last good checkpoint stays.
-- `CheckpointError` is a checkpoint that cannot be read (truncated, corrupted) or does not fit the model (another
-  architecture); its message is one line naming the file and what is wrong. The `polyformer` command prints it as is.
+- A `CheckpointError` (polyformer/checkpoint.py) on any rank is one line naming the file and what is wrong; the
+  `polyformer` command prints it as is.
 - `RankFaults` makes a rank's exception end every rank of a run started by Lightning's own launcher
   (`--trainer.devices=N`), with the error printed by rank 0.
 """
@@ -20,20 +20,16 @@ import tempfile
 import threading
 import time
 import traceback
-import zipfile
-from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-from torch import Tensor, nn
+from torch import Tensor
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message names the file."""
+from polyformer.checkpoint import CheckpointError, write_atomically
 
 
 class NonFiniteError(FloatingPointError):
@@ -41,31 +37,6 @@ class NonFiniteError(FloatingPointError):
 
 
 # ---- atomic writes ----------------------------------------------------------------------------------------------
-def write_atomically(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Calls write(file) on `.<name>.tmp` beside `path`, fsyncs it, then renames it to `path` (atomic on POSIX).
-
-    A process killed inside `write` leaves `path` as it was and a stale `.<name>.tmp`, which the next write of `path`
-    overwrites."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    if os.name == "posix":  # make the rename itself durable
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's TorchCheckpointIO, writing each checkpoint through `write_atomically`."""
 
@@ -73,67 +44,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, found {storage_options!r}")
         write_atomically(path, lambda file: torch.save(checkpoint, file))
-
-
-# ---- checkpoint errors ------------------------------------------------------------------------------------------
-def check_archive(path: str | Path) -> bool:
-    """Whether `path` is a zip archive (torch.save's format since PyTorch 1.6); one that is truncated, or has an entry
-    whose bytes fail their CRC-32 (a corrupted copy, which torch.load would read without complaint), raises a
-    CheckpointError naming the file."""
-    with open(path, "rb") as file:
-        if file.read(4) != b"PK\x03\x04":
-            return False
-    try:
-        with zipfile.ZipFile(path) as archive:
-            for entry in archive.infolist():
-                if entry.CRC == 0:  # written with torch's compute_crc32 off: nothing to compare
-                    continue
-                with archive.open(entry) as stream:  # zipfile compares the CRC-32 once an entry is read to its end
-                    while stream.read(1 << 24):
-                        pass
-    except (zipfile.BadZipFile, EOFError, OSError) as error:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupted: its {Path(path).stat().st_size:,} bytes "
-                              f"begin a zip archive that cannot be read ({error})") from None
-    return True
-
-
-def torch_reason(error: BaseException) -> str:
-    """The line of a torch.load error that says what is wrong, without the advice that follows it."""
-    text = str(error).split("WeightsUnpickler error:", 1)[-1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    reason = lines[0].split(". ")[0] if lines else ""
-    return f"{type(error).__name__}: {reason}" if reason else type(error).__name__
-
-
-def describe_mismatch(checkpoint: Mapping[str, Tensor], model: Mapping[str, Tensor], *, strict: bool,
-                      shown: int = 3) -> str:
-    """Missing and unexpected keys (when strict) and tensors whose shapes differ, a few of each, on one line."""
-
-    def some(names: list[str]) -> str:
-        more = f", ... ({len(names)} in all)" if len(names) > shown else ""
-        return ", ".join(names[:shown]) + more
-
-    parts = []
-    if strict and (missing := [name for name in model if name not in checkpoint]):
-        parts.append(f"missing keys {some(missing)}")
-    if strict and (unexpected := [name for name in checkpoint if name not in model]):
-        parts.append(f"unexpected keys {some(unexpected)}")
-    shapes = [f"{name} (checkpoint {tuple(value.shape)} vs model {tuple(model[name].shape)})"
-              for name, value in checkpoint.items() if name in model and value.shape != model[name].shape]
-    if shapes:
-        parts.append(f"shapes differ for {some(shapes)}")
-    return "; ".join(parts)
-
-
-def load_weights(module: nn.Module, state_dict: Mapping[str, Tensor], *, strict: bool, source: str) -> None:
-    """module.load_state_dict(state_dict); a checkpoint of another architecture raises a CheckpointError naming
-    `source`, the missing and unexpected keys and the shapes that differ."""
-    try:
-        module.load_state_dict(state_dict, strict=strict)
-    except RuntimeError as error:
-        # compared after the attempt: load pre-hooks may have resized buffers that legitimately vary in size
-        mismatch = describe_mismatch(state_dict, module.state_dict(), strict=strict) or torch_reason(error)
-        raise CheckpointError(f"{source} does not fit {type(module).__name__}: {mismatch}") from None
 
 
 # ---- non-finite losses ------------------------------------------------------------------------------------------

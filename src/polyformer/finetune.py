@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
-from polyformer.faults import describe_mismatch, write_atomically
+from polyformer.checkpoint import describe_mismatch, to_plain
 
 BLOCK = re.compile(r"(.*(?:^|\.)blocks\.\d+)\.")  # the "…blocks.i" module a parameter belongs to
 
@@ -44,27 +43,6 @@ class FinetuneConfig:
             raise ValueError(f"finetune.layer_decay must be in (0, 1], found {self.layer_decay}")
 
 
-def read_pretrained(source: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(tensors, hyper-parameters) of a Lightning or weights-only checkpoint (its `state_dict` and
-    `hyper_parameters`), a plain state dict (or one under `model`, as timm and DeiT releases keep it), or a
-    .safetensors file; the last two carry no hyper-parameters ({})."""
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"init_from={str(source)!r}: expected a checkpoint file, found none there")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path)), {}
-    from polyformer.training import load_checkpoint  # training imports this module
-
-    checkpoint = load_checkpoint(path)
-    state = checkpoint.get("state_dict", checkpoint.get("model", checkpoint)) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(value, Tensor) for value in state.values()):
-        raise ValueError(f"init_from={str(source)!r}: expected a state dict of tensors (or a checkpoint holding one "
-                         f"under 'state_dict' or 'model'), found {type(checkpoint).__name__}")
-    return state, dict(checkpoint.get("hyper_parameters") or {})
-
-
 def field_value(hparams: dict[str, Any], path: str) -> Any:
     """hparams["vit"]["dim"] for "vit.dim" (dataclasses as stored: dicts); a KeyError when absent."""
     value: Any = hparams
@@ -75,8 +53,6 @@ def field_value(hparams: dict[str, Any], path: str) -> Any:
 
 def check_architecture(theirs: dict[str, Any], ours: dict[str, Any], fields: tuple[str, ...], source: str) -> None:
     """An error naming every architecture field whose value differs between a checkpoint and this task."""
-    from polyformer.training import to_plain  # training imports this module
-
     theirs, ours = to_plain(theirs), to_plain(ours)
     differ = []
     for path in fields:
@@ -143,23 +119,3 @@ def layer_ids(names: list[str]) -> tuple[dict[str, int], int]:
             ids[name] = 0 if not blocks else None  # after a block: the top, L + 1, known at the end
     depth = len(blocks)
     return {name: depth + 1 if layer is None else layer for name, layer in ids.items()}, depth
-
-
-def save_weights(checkpoint: str | Path, out: str | Path) -> str:
-    """A weights-only copy of a Lightning checkpoint at `out`: its hyper-parameters and fp32 state dict, no optimizer
-    or loop state (what `polyformer test --ckpt_path` and `init_from` need). Returns the file's sha256."""
-    import hashlib
-
-    import torch
-
-    from polyformer.training import load_checkpoint  # training imports this module
-
-    source = load_checkpoint(checkpoint)
-    if "state_dict" not in source:
-        raise ValueError(f"{checkpoint}: expected a Lightning checkpoint with a 'state_dict', found keys "
-                         f"{sorted(source)[:8]}")
-    weights = {key: source[key] for key in ("hyper_parameters", "pytorch-lightning_version") if key in source}
-    weights["state_dict"] = {name: value.float() if value.is_floating_point() else value
-                             for name, value in source["state_dict"].items()}
-    write_atomically(out, lambda file: torch.save(weights, file))
-    return hashlib.sha256(Path(out).read_bytes()).hexdigest()

@@ -6,11 +6,8 @@ model in `__init__`; everything else is here.
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import inspect
 import math
-import pickle
 import random
 import typing
 from collections.abc import Iterator
@@ -27,10 +24,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from polyformer.checkpoint import from_plain, load_checkpoint, load_weights, read_pretrained, to_plain
 from polyformer.data import global_seed
 from polyformer.deploy import Exportable
-from polyformer.faults import CheckpointError, check_archive, load_weights, torch_reason
-from polyformer.finetune import FinetuneConfig, check_architecture, layer_ids, load_matching, read_pretrained
+from polyformer.finetune import FinetuneConfig, check_architecture, layer_ids, load_matching
 
 
 @dataclass
@@ -83,19 +80,6 @@ def first_tensor(batch: Any) -> Tensor:
     raise ValueError(f"no tensor found in a batch of type {type(batch).__name__}")
 
 
-def to_plain(value: Any) -> Any:
-    """Dataclasses → dicts, paths → strings, recursively: what a weights-only checkpoint may hold."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {key: to_plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(to_plain(item) for item in value)
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """The model in eval mode inside the block (rollouts, figures), its previous mode restored after."""
@@ -105,44 +89,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was_training)
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu") -> dict:
-    """torch.load with weights_only=True. A CheckpointError (a ValueError) naming the file refuses a checkpoint that
-    is truncated or corrupted (every entry of its archive is checked against its CRC-32), one torch.load cannot read,
-    and one that would unpickle arbitrary objects."""
-    if check_archive(path):
-        try:
-            return torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as error:  # an intact archive whose pickle asks for more than plain weights
-            raise CheckpointError(
-                f"refusing to load checkpoint {path}: it holds pickled Python objects that are not plain weights, "
-                f"and unpickling them could run code ({torch_reason(error)})"
-            ) from None
-    try:  # torch's legacy format, or not a checkpoint at all
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError) as error:
-        raise CheckpointError(f"checkpoint {path} is neither a torch.save zip archive nor a readable legacy one "
-                              f"({Path(path).stat().st_size:,} bytes; {torch_reason(error)})") from None
-
-
-def import_class(class_path: str) -> type:
-    """The class a LightningCLI config or checkpoint names by its path ("package.module.Class")."""
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
-def _from_plain(annotation: Any, value: Any) -> Any:
-    """Rebuilds a dataclass argument (possibly Optional) from the dict a checkpoint stored."""
-    if not isinstance(value, dict):
-        return value
-    candidates = typing.get_args(annotation) or (annotation,)
-    for candidate in candidates:
-        if dataclasses.is_dataclass(candidate):
-            fields = {f.name: f.type for f in dataclasses.fields(candidate)}
-            hints = typing.get_type_hints(candidate)
-            return candidate(**{key: _from_plain(hints.get(key, fields[key]), item) for key, item in value.items()})
-    return value
 
 
 class PolyformerTask(L.LightningModule):
@@ -168,6 +114,11 @@ class PolyformerTask(L.LightningModule):
     def step(self, batch: Any, stage: str) -> Tensor:
         """Loss of one batch; log stage metrics with self.log(f"{stage}/name", ...)."""
         raise NotImplementedError(f"{type(self).__name__} must implement step(batch, stage)")
+
+    @property
+    def datamodule(self) -> L.LightningDataModule | None:
+        """The data module of the trainer this task is attached to; None outside a trainer or without one."""
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
 
     def batch_size(self, batch: Any) -> int:
         """Samples in a batch, for logging and throughput; override when the first tensor is not batch-major."""
@@ -291,7 +242,7 @@ class PolyformerTask(L.LightningModule):
         hparams.pop("_class_path", None)
         hints = typing.get_type_hints(cls.__init__)
         accepted = inspect.signature(cls.__init__).parameters
-        kwargs = {key: _from_plain(hints.get(key), value) for key, value in hparams.items() if key in accepted}
+        kwargs = {key: from_plain(hints.get(key), value) for key, value in hparams.items() if key in accepted}
         kwargs.update(overrides)
         task = cls(**kwargs)
         load_weights(task, checkpoint["state_dict"], strict=strict, source=f"checkpoint {checkpoint_path}")

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from polyformer.domains.rl.cartpole import collect_cartpole
-from polyformer.domains.rl.data import OfflineRLDataModule, episodes_from_minari, load_offline_data, minari_root
+from polyformer.domains.rl.cartpole import minari_root
+from polyformer.domains.rl.data import OfflineRLDataModule, episodes_from_minari, load_offline_data
 
 # deterministic runs of a stated size: the counts in docs/reliability.md are these max_examples
 BAD_INPUT = dict(deadline=None, derandomize=True, database=None,

@@ -21,7 +21,7 @@ def tiny_root(tmp_path_factory) -> Path:
     import minari
     from minari.data_collector import EpisodeBuffer
 
-    from polyformer.domains.rl.data import minari_root
+    from polyformer.domains.rl.cartpole import minari_root
 
     root = tmp_path_factory.mktemp("minari")
     with minari_root(root):

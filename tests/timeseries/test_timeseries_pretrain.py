@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from polyformer.domains.timeseries import CSVForecastDataModule, PatchTSTConfig, PatchTSTPretrainTask, PatchTSTTask
-from polyformer.finetune import FinetuneConfig, save_weights
+from polyformer.checkpoint import save_weights
+from polyformer.finetune import FinetuneConfig
 from polyformer.masking import MaskingConfig
 from polyformer.pretraining import MaskedModelingConfig
 from polyformer.training import OptimizerConfig

@@ -11,7 +11,8 @@ import torch
 from polyformer.cli import PolyformerCLI
 from polyformer.domains.vision import DigitsDataModule, ImageClassificationTask, MAEPretrainTask, ViTConfig
 from polyformer.domains.vision.model import VisionTransformer
-from polyformer.finetune import save_weights
+from polyformer.domains.vision.timm_compat import vit_from_timm
+from polyformer.checkpoint import save_weights
 from polyformer.pretraining import MaskedModelingConfig
 from polyformer.transformer import TransformerConfig
 
@@ -32,7 +33,7 @@ def test_timm_mae_encoder_loads_with_logits_parity():
     assert theirs.num_classes == 0  # timm's MAE weights come without a head
     for param in theirs.parameters():
         param.data.add_(0.01 * torch.randn_like(param))
-    ours = VisionTransformer.from_timm(theirs).eval()
+    ours = vit_from_timm(theirs).eval()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(images), theirs(images), atol=1e-5, rtol=0)

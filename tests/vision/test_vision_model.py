@@ -8,6 +8,7 @@ from timm.layers import resample_abs_pos_embed
 
 from polyformer.domains.vision import ViTConfig, VisionTransformer
 from polyformer.domains.vision.rollout import attention_rollout, capture_attention
+from polyformer.domains.vision.timm_compat import vit_from_timm, vit_to_timm
 
 TOL = dict(atol=1e-5, rtol=0)
 
@@ -25,7 +26,7 @@ def perturbed_timm(name: str, **kwargs) -> torch.nn.Module:
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_small_patch16_224", "deit_tiny_distilled_patch16_224"])
 def test_from_timm_matches_at_224_and_at_a_second_size(name):
     theirs = perturbed_timm(name, dynamic_img_size=True)
-    ours = VisionTransformer.from_timm(theirs).eval()
+    ours = vit_from_timm(theirs).eval()
     torch.manual_seed(1)
     for size in (224, 160):  # 160: both resample the 14x14 position table to 10x10 on the fly
         images = torch.randn(2, 3, size, size)
@@ -37,7 +38,7 @@ def test_from_timm_matches_at_224_and_at_a_second_size(name):
 
 def test_set_image_size_matches_timm_set_input_size():
     theirs = perturbed_timm("vit_tiny_patch16_224", depth=2)
-    ours = VisionTransformer.from_timm(theirs).eval()
+    ours = vit_from_timm(theirs).eval()
     theirs.set_input_size(img_size=(256, 192))
     ours.set_image_size((256, 192))
     torch.testing.assert_close(ours.pos_embed, theirs.pos_embed, **TOL)
@@ -53,7 +54,7 @@ def test_set_image_size_matches_timm_set_input_size():
 ])
 def test_from_timm_variants(kwargs):
     theirs = perturbed_timm("vit_tiny_patch16_224", img_size=64, depth=2, **kwargs)
-    ours = VisionTransformer.from_timm(theirs).eval()
+    ours = vit_from_timm(theirs).eval()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(images), theirs(images), **TOL)
@@ -66,7 +67,7 @@ def test_state_dict_exports_to_timm_without_a_key_map():
     theirs = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=8,
                                num_classes=7, embed_dim=64, depth=2, num_heads=4).eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)
-    rebuilt = ours.to_timm().eval()
+    rebuilt = vit_to_timm(ours).eval()
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(theirs(images), ours(images), **TOL)
@@ -93,9 +94,9 @@ def test_bad_inputs_name_expected_and_found():
     with pytest.raises(ValueError, match=r"img_size 30x30 must be divisible by patch_size=8"):
         ViTConfig(img_size=30, patch_size=8)
     with pytest.raises(ValueError, match=r"not reproducible: no norm before the blocks \(pre_norm=False\)"):
-        VisionTransformer.from_timm(timm.create_model("vit_tiny_patch16_224", pre_norm=True, img_size=32))
+        vit_from_timm(timm.create_model("vit_tiny_patch16_224", pre_norm=True, img_size=32))
     with pytest.raises(ValueError, match=r"expected a timm VisionTransformer instance, found ResNet"):
-        VisionTransformer.from_timm(timm.create_model("resnet10t"))
+        vit_from_timm(timm.create_model("resnet10t"))
 
 
 def test_attention_rollout_and_captured_weights():

@@ -1,0 +1,162 @@
+"""The experiment runner every `scripts/bench_*.py` is built on: `polyformer` runs as subprocesses, their metrics,
+records that let a benchmark finish over several sittings (--reuse), seeds, parallel jobs and the JSON it writes.
+
+    from polyformer.bench import bench_parser, fit_and_test, recorded, summarise, write_json
+    acc = fit_and_test(CONFIGS / "vision" / "vit_tiny_digits.yaml", out, "vit_seed1", ["--seed_everything=1"],
+                       checkpoint="last", metric="test/acc1", reuse=args.reuse)
+
+A run is `polyformer fit` then `polyformer test` of one of its checkpoints, under out/runs/<domain>/<name>/, its
+output in out/logs/<name>.{fit,test}.log, one torch thread per process (jobs run side by side on separate cores).
+Metrics are read from the run's metrics.csv: the last value logged, in the newest version that logged it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from polyformer.cli import newest_version, version_numbers
+from polyformer.data import PROJECT_ROOT
+
+# a few batches of everything: what a benchmark's --quick adds to each run (a check of the script, not a result)
+QUICK = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
+         "--trainer.limit_test_batches=2", "--trainer.check_val_every_n_epoch=1"]
+
+
+class RunError(RuntimeError):
+    """A command of a benchmark failed; the message names the command and its log."""
+
+
+def polyformer(*args: str) -> list[str]:
+    """The `polyformer` command through this interpreter, so that it works without an activated environment."""
+    return [sys.executable, "-m", "polyformer.cli", *args]
+
+
+def run(command: list[str], log: Path, cwd: Path = PROJECT_ROOT) -> float:
+    """Runs a command with one torch thread, its output to `log`; returns its wall seconds. A failure raises a
+    RunError naming the command and the log."""
+    print("$", shlex.join(command), flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with log.open("w") as out:
+        result = subprocess.run(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if result.returncode:
+        raise RunError(f"failed ({result.returncode}): {shlex.join(command)}; see {log}")
+    return time.perf_counter() - start
+
+
+# ---- metrics ----------------------------------------------------------------------------------------------------
+def last_values(metrics_csv: Path) -> dict[str, float]:
+    """The last value logged of every metric in a metrics.csv (Lightning's CSVLogger)."""
+    values: dict[str, float] = {}
+    with metrics_csv.open() as file:
+        for row in csv.DictReader(file):
+            values.update({key: float(value) for key, value in row.items() if value not in ("", None)})
+    return values
+
+
+def history(run_dir: Path, name: str) -> list[float]:
+    """Every value of a metric in the newest version of a run that logged it, in order (e.g. val/map50 per epoch)."""
+    for version in reversed(version_numbers(run_dir)):
+        metrics = run_dir / f"version_{version}" / "metrics.csv"
+        if metrics.is_file():
+            with metrics.open() as file:
+                values = [float(row[name]) for row in csv.DictReader(file) if row.get(name) not in ("", None)]
+            if values:
+                return values
+    raise KeyError(f"{name} not logged in any version under {run_dir}")
+
+
+def last_value(run_dir: Path, name: str) -> float:
+    """The last logged value of a metric in the newest version of a run that logged it (a fit's validation metrics
+    sit in an older version than the test run of its checkpoint)."""
+    return history(run_dir, name)[-1]
+
+
+def finished(run_dir: Path, name: str) -> float | None:
+    """The metric of a run already finished (a version logged it), else None."""
+    try:
+        return last_value(run_dir, name)
+    except KeyError:
+        return None
+
+
+# ---- runs -------------------------------------------------------------------------------------------------------
+def run_dir(out: Path, config: Path, name: str) -> Path:
+    """Where `polyformer` writes the run `name` of a config under out/runs: out/runs/<config's folder>/<name>."""
+    return out / "runs" / config.parent.name / name
+
+
+def fit_and_test(config: Path, out: Path, name: str, extra: list[str], checkpoint: str, metric: str,
+                 reuse: bool) -> float:
+    """`polyformer fit` then `polyformer test` of its `checkpoint` (best / last); returns the test metric. With
+    `reuse`, a run that already logged the metric is read instead of run again."""
+    folder = run_dir(out, config, name)
+    if reuse and (value := finished(folder, metric)) is not None:
+        print(f"reusing {folder}: {metric} {value:.4f}", flush=True)
+        return value
+    where = [f"--run.root={out / 'runs'}", f"--run.name={name}"]
+    run(polyformer("fit", "-c", str(config), *where, *extra), out / "logs" / f"{name}.fit.log")
+    ckpt = newest_version(folder) / "checkpoints" / f"{checkpoint}.ckpt"
+    run(polyformer("test", "-c", str(config), *where, *extra, f"--ckpt_path={ckpt}"),
+        out / "logs" / f"{name}.test.log")
+    return last_value(folder, metric)
+
+
+def recorded(record: Path, reuse: bool, produce: Callable[[], dict], done: bool = True) -> dict:
+    """The JSON record of a piece of work: read from `record` when reusing and `done` (the work it describes is
+    complete), else `produce()`d, written there and returned; lets a benchmark finish over several sittings."""
+    if reuse and done and record.is_file():
+        print(f"reusing {record}", flush=True)
+        return json.loads(record.read_text())
+    value = produce()
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(value) + "\n")
+    return value
+
+
+# ---- figures ----------------------------------------------------------------------------------------------------
+def summarise(runs: dict[int, float]) -> tuple[float, float]:
+    """(mean, sample standard deviation) of per-seed values; std 0 for a single seed."""
+    values = list(runs.values())
+    if not values:
+        raise ValueError("summarise: expected at least one run, found none")
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def write_json(path: Path | None, figures: dict) -> None:
+    """The figures as JSON at `path` (nothing when None), as the benchmark measured them."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+# ---- command lines ----------------------------------------------------------------------------------------------
+def bench_parser(description: str, out: Path) -> argparse.ArgumentParser:
+    """The options every benchmark made of `polyformer` runs takes: --quick, --json, --out, --reuse."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="a few batches of everything: checks the script only")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--out", type=Path, default=out, help="runs, logs and what the runs write")
+    parser.add_argument("--reuse", action="store_true", help="read runs already finished in --out instead of rerunning")
+    return parser
+
+
+def runs_parser(description: str, out: Path, domains: list[str]) -> argparse.ArgumentParser:
+    """bench_parser's options, and --jobs, --seeds, --domains."""
+    parser = bench_parser(description, out)
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one torch thread each)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--domains", nargs="+", default=domains, choices=domains)
+    return parser
