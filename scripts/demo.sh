@@ -85,7 +85,7 @@ REAL_SPEECH=(-c configs/speech/conformer_ctc_tiny_real.yaml "${QUIET[@]}"
              --data.init_args.root=domains/speech/samples "--data.init_args.test_splits=[dev]")
 real_speech() { polyformer predict "${REAL_SPEECH[@]}" && polyformer test "${REAL_SPEECH[@]}"; }
 run_step speech "Conformer-CTC, committed weights, 3 real utterances" \
-  "python scripts/run_metrics.py $RUNS/speech/conformer_ctc_tiny_real test/dev/cer test/dev/wer" -- real_speech
+  "python scripts/run_metrics.py $RUNS/speech/conformer_ctc_tiny_real test/cer test/wer" -- real_speech
 
 echo
 echo "=== summary (total $(( $(date +%s) - started )) s; runs under $RUNS/)"

@@ -31,3 +31,14 @@ def test_weights_are_listed_with_their_sha256_and_load_weights_only(path):
     assert all(tensor.dtype == torch.float32 for tensor in checkpoint["state_dict"].values()
                if tensor.is_floating_point()), f"{name}: not fp32"
     assert path.stat().st_size <= 25 * 2**20, f"{name}: over 25 MB"
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda path: str(path.relative_to(WEIGHTS)))
+def test_weights_rebuild_the_task_they_record(path):
+    """Every committed file rebuilds its task (the class `polyformer fit` recorded, its hyper-parameters through
+    from_plain) and loads strictly: what `polyformer test --ckpt_path` and `polyformer export` do."""
+    from polyformer.checkpoint import load_checkpoint, task_class
+
+    cls = task_class(load_checkpoint(path), source=str(path))
+    task = cls.load_from_checkpoint(path)
+    assert type(task) is cls and sum(p.numel() for p in task.parameters()) > 0

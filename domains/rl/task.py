@@ -46,7 +46,7 @@ class OfflineRLTask(PolyformerTask):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None)
+        datamodule = self.datamodule
         if stage != "fit" or not isinstance(datamodule, OfflineRLDataModule):
             return
         data = datamodule.data

@@ -27,7 +27,7 @@ import torchaudio
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from polyformer.data import fetch_and_extract, global_seed, shared_data_dir
+from polyformer.data import fetch_and_extract, global_seed, make_loader, shared_data_dir
 from polyformer.domains.speech.tokens import CharTokenizer
 
 log = logging.getLogger(__name__)
@@ -376,9 +376,8 @@ class LibriSpeechDataModule(L.LightningDataModule):
         durations = [u.duration * stretch for u in utterances]
         sampler = DurationBatchSampler(durations, max(max_seconds, max(durations)), num_buckets=self.num_buckets,
                                        shuffle=shuffle, seed=self.seed)
-        return DataLoader(SpeechDataset(utterances, self.sample_rate, self.skip_bad, speed_factors),
-                          batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
+        return make_loader(SpeechDataset(utterances, self.sample_rate, self.skip_bad, speed_factors),
+                           batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_seconds, shuffle=True, speed_factors=self.speed_factors)

@@ -84,7 +84,7 @@ class BestRQPretrainTask(PolyformerTask):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = self.datamodule
         if stage == "fit" and datamodule is not None:
             fit_normalizer(self.model, datamodule)
 

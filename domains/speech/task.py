@@ -2,9 +2,9 @@
 
 Before the first training step the task fits the feature normaliser on training audio and, for unigram tokens,
 trains the SentencePiece model on the training transcripts; both are buffers of the model, saved in checkpoints.
-Metrics: {stage}/cer and {stage}/wer (torchmetrics) over the whole split, where stage is val, or test/<split> for
-each test split (test/test-clean/cer, test/heldout/wer, ...: each test loader's figures once, under the split they
-were measured on); {stage}/ctc_infeasible counts targets needing more frames than the encoder gives (their loss is
+Metrics: {stage}/cer and {stage}/wer (torchmetrics) over the whole split, where stage is val, test when one split is
+tested, or test/<split> for each of several test splits (test/test-clean/cer, test/heldout/wer, ...: each test
+loader's figures once, under the split they were measured on); {stage}/ctc_infeasible counts targets needing more frames than the encoder gives (their loss is
 zeroed by zero_infinity, so the loss never becomes inf or NaN).
 """
 
@@ -97,7 +97,7 @@ class SpeechRecognitionTask(PolyformerTask):
     # ---- preparation ------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = self.datamodule
         if stage != "fit" or datamodule is None:
             return
         if getattr(datamodule, "audio_folders", None):
@@ -153,8 +153,12 @@ class SpeechRecognitionTask(PolyformerTask):
         return loss
 
     def _test_stage(self, dataloader_idx: int) -> str:
-        """test/<split> of a test loader (test/test-clean, test/heldout, ...); test/<index> for unnamed loaders."""
-        splits = getattr(getattr(self.trainer, "datamodule", None), "test_splits", None) or []
+        """test alone when one split is tested; with several, test/<split> of each loader (test/test-clean,
+        test/heldout, ...), test/<index> for unnamed loaders."""
+        splits = getattr(self.datamodule, "test_splits", None) or []
+        loaders = len(self.trainer.num_test_batches) if self._trainer is not None else 0
+        if max(len(splits), loaders) <= 1:
+            return "test"
         return f"test/{splits[dataloader_idx] if dataloader_idx < len(splits) else dataloader_idx}"
 
     def _metric(self, stage: str, kind: str):

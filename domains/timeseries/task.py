@@ -70,7 +70,7 @@ class ForecastTask(PolyformerTask):
     def setup(self, stage: str) -> None:
         """The data's windows and channels must be the ones the model was built for."""
         super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = self.datamodule
         if datamodule is None or not hasattr(datamodule, "lookback"):
             return
         config = self.model.config

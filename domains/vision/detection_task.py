@@ -63,7 +63,7 @@ class DetectorTask(PolyformerTask):
         raise NotImplementedError(f"{type(self).__name__} must implement detect()")
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = self.datamodule
         if isinstance(datamodule, VOCDetectionDataModule) and datamodule.num_classes != self.num_classes:
             raise ValueError(f"the data has {datamodule.num_classes} classes {datamodule.classes}, the model "
                              f"num_classes={self.num_classes}")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sized
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -108,26 +108,34 @@ class EpochRandomSampler(RandomSampler):
 def make_loader(
     dataset: Dataset,
     *,
-    batch_size: int,
-    shuffle: bool,
+    batch_size: int | None = None,
+    shuffle: bool = False,
     num_workers: int = 0,
     drop_last: bool = False,
     collate_fn: Callable | None = None,
     seed: int | None = None,
+    batch_sampler: Sampler[list[int]] | None = None,
 ) -> DataLoader:
-    """A DataLoader; shuffling through EpochRandomSampler so data order survives a resume.
+    """A DataLoader of batches of `batch_size` (shuffled through EpochRandomSampler, so that data order survives a
+    resume), or of the batches a `batch_sampler` draws (e.g. speech's duration buckets, which shuffle themselves).
 
     It draws its worker seeds from a generator of its own: creating an iterator must not consume the global RNG,
     which the training base reseeds per epoch (Lightning creates the first epoch's iterator earlier than the others).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, found {batch_size}")
+    if batch_sampler is not None:
+        if batch_size is not None or shuffle or drop_last:
+            raise ValueError(f"make_loader: a batch_sampler draws the batches itself; expected batch_size None, "
+                             f"shuffle and drop_last False, found {batch_size}, {shuffle}, {drop_last}")
+        batching: dict = {"batch_sampler": batch_sampler}
+    else:
+        if batch_size is None or batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, found {batch_size}")
+        batching = {"batch_size": batch_size, "drop_last": drop_last,
+                    "sampler": EpochRandomSampler(dataset, seed) if shuffle else None}
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=EpochRandomSampler(dataset, seed) if shuffle else None,
+        **batching,
         num_workers=num_workers,
-        drop_last=drop_last,
         collate_fn=collate_fn,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),

@@ -144,3 +144,21 @@ def test_speed_perturbation_changes_length_and_keeps_batches_under_the_cap(tiny_
     with pytest.raises(ValueError, match="speed_factors must be positive"):
         LibriSpeechDataModule(speed_factors=[0.0, 1.0])
     assert data.val_dataloader().dataset.speed_factors is None  # evaluation hears the audio as recorded
+
+
+def test_duration_batches_go_through_the_seeded_make_loader():
+    """The speech loaders are built by the core's make_loader: starting an epoch leaves the global RNG alone (the
+    training base reseeds it per epoch), and a batch sampler beside a batch size is refused."""
+    import torch
+
+    from polyformer.data import make_loader
+
+    durations = [1.0, 2.0, 3.0, 4.0]
+    sampler = DurationBatchSampler(durations, 5.0, num_buckets=2, seed=0)
+    loader = make_loader(list(range(4)), batch_sampler=sampler)
+    state = torch.get_rng_state()
+    batches = [batch.tolist() for batch in loader]
+    assert torch.equal(state, torch.get_rng_state())
+    assert sorted(i for batch in batches for i in batch) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="a batch_sampler draws the batches itself"):
+        make_loader(list(range(4)), batch_size=2, batch_sampler=sampler)

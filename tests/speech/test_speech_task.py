@@ -88,6 +88,10 @@ def test_fit_checkpoint_and_reload_with_unigram_tokens(tiny_corpus, tmp_path):
     assert [sorted(result) for result in results] == [
         [f"test/{split}/{name}" for name in ("audio_seconds", "cer", "ctc_infeasible", "loss", "wer")]
         for split in ("test", "heldout")]
+    data.test_splits = ["heldout"]  # one split: its figures under test/ alone
+    assert [sorted(result) for result in trainer.test(task, data)] == [
+        [f"test/{name}" for name in ("audio_seconds", "cer", "ctc_infeasible", "loss", "wer")]]
+    data.test_splits = ["test", "heldout"]
     rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
     assert any(row.get("val/cer") for row in rows) and any(row.get("train/loss") for row in rows)
 
