@@ -104,7 +104,7 @@ def test_decoding_is_chosen_at_test_time(tiny_corpus, tmp_path):
                               f"--model.init_args.lexicon={tmp_path / 'lexicon.txt'}",
                               f"--model.init_args.lm={tmp_path / 'lm.arpa'}", "--trainer.limit_test_batches=1"])
     assert cli.model.decoding == "lexicon" and isinstance(cli.model._beam, LexiconDecoder)
-    assert {"test/test/cer", "test/test/wer"} <= set(cli.trainer.callback_metrics)
+    assert {"test/cer", "test/wer"} <= set(cli.trainer.callback_metrics)  # one test split: no split in the name
 
 
 def test_predict_prints_and_writes_reference_and_hypothesis(tmp_path, capsys):
