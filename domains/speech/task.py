@@ -4,8 +4,8 @@ Before the first training step the task fits the feature normaliser on training 
 trains the SentencePiece model on the training transcripts; both are buffers of the model, saved in checkpoints.
 Metrics: {stage}/cer and {stage}/wer (torchmetrics) over the whole split, where stage is val, test when one split is
 tested, or test/<split> for each of several test splits (test/test-clean/cer, test/heldout/wer, ...: each test
-loader's figures once, under the split they were measured on); {stage}/ctc_infeasible counts targets needing more frames than the encoder gives (their loss is
-zeroed by zero_infinity, so the loss never becomes inf or NaN).
+loader's figures once, under the split they were measured on); {stage}/ctc_infeasible counts targets needing more
+frames than the encoder gives (their loss is zeroed by zero_infinity, so the loss never becomes inf or NaN).
 """
 
 from __future__ import annotations
@@ -155,10 +155,9 @@ class SpeechRecognitionTask(PolyformerTask):
     def _test_stage(self, dataloader_idx: int) -> str:
         """test alone when one split is tested; with several, test/<split> of each loader (test/test-clean,
         test/heldout, ...), test/<index> for unnamed loaders."""
-        splits = getattr(self.datamodule, "test_splits", None) or []
-        loaders = len(self.trainer.num_test_batches) if self._trainer is not None else 0
-        if max(len(splits), loaders) <= 1:
+        if len(self.trainer.num_test_batches) <= 1:  # one test loader (called from test_step: a trainer is there)
             return "test"
+        splits = getattr(self.datamodule, "test_splits", None) or []
         return f"test/{splits[dataloader_idx] if dataloader_idx < len(splits) else dataloader_idx}"
 
     def _metric(self, stage: str, kind: str):

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from polyformer.checkpoint import from_plain, load_checkpoint, load_weights, read_pretrained, to_plain
+from polyformer.checkpoint import CLASS_PATH, from_plain, load_checkpoint, load_weights, read_pretrained, to_plain
 from polyformer.data import global_seed
 from polyformer.deploy import Exportable
 from polyformer.finetune import FinetuneConfig, check_architecture, layer_ids, load_matching
@@ -239,7 +239,7 @@ class PolyformerTask(L.LightningModule):
         checkpoint = load_checkpoint(checkpoint_path, map_location)
         hparams = dict(checkpoint.get("hyper_parameters", {}))
         hparams.pop("_instantiator", None)
-        hparams.pop("_class_path", None)
+        hparams.pop(CLASS_PATH, None)
         hints = typing.get_type_hints(cls.__init__)
         accepted = inspect.signature(cls.__init__).parameters
         kwargs = {key: from_plain(hints.get(key), value) for key, value in hparams.items() if key in accepted}
