@@ -5,13 +5,13 @@ module and block, the CTC head and decoding, LibriSpeech data and CER/WER; atten
 """
 
 from polyformer.domains.speech.conformer import Conformer, ConformerBlock, ConformerConfig
-from polyformer.domains.speech.data import DurationBatchSampler, LibriSpeechDataModule
+from polyformer.domains.speech.data import LibriSpeechDataModule
 from polyformer.domains.speech.model import SpeechModelConfig, SpeechRecognizer
 from polyformer.domains.speech.task import SpeechRecognitionTask
 from polyformer.domains.speech.tokens import CharTokenizer, SentencePieceTokenizer, TokenizerConfig
 
 __all__ = [
-    "Conformer", "ConformerBlock", "ConformerConfig", "DurationBatchSampler", "LibriSpeechDataModule",
+    "Conformer", "ConformerBlock", "ConformerConfig", "LibriSpeechDataModule",
     "SpeechModelConfig", "SpeechRecognizer", "SpeechRecognitionTask", "CharTokenizer", "SentencePieceTokenizer",
     "TokenizerConfig",
 ]

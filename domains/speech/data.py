@@ -13,7 +13,6 @@ file (and line), unless `skip_bad` is set, in which case each is logged and coun
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,12 +21,11 @@ from pathlib import Path
 import lightning as L
 import soundfile as sf
 import torch
-import torch.distributed as dist
 import torchaudio
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from polyformer.data import fetch_and_extract, global_seed, make_loader, shared_data_dir
+from polyformer.data import LengthBatchSampler, fetch_and_extract, make_loader, shared_data_dir
 from polyformer.domains.speech.tokens import CharTokenizer
 
 log = logging.getLogger(__name__)
@@ -212,65 +210,6 @@ def collate(items: list[tuple[Tensor, str, str] | None]) -> dict:
             "ids": [u for _, _, u in items]}
 
 
-class DurationBatchSampler(Sampler[list[int]]):
-    """Batches of similar duration whose padded size (longest × count) stays under `max_seconds`.
-
-    Utterances are sorted by duration and cut into `num_buckets` buckets; each epoch shuffles within buckets (seeded
-    from (seed, epoch)), packs batches, and shuffles the batch order. Under DDP it shards itself: every rank gets the
-    same number of batches (the list is padded by repeating batches), rank r takes batches r, r + world, ...
-    Lightning calls `set_epoch`; set `trainer.use_distributed_sampler: false` for multi-GPU runs.
-    """
-
-    def __init__(self, durations: list[float], max_seconds: float, *, num_buckets: int = 10, shuffle: bool = True,
-                 seed: int | None = None):
-        if max_seconds < max(durations):
-            raise ValueError(f"max_seconds={max_seconds} per batch is below the longest utterance "
-                             f"({max(durations):.1f} s): raise it or lower max_duration")
-        self.durations, self.max_seconds = durations, max_seconds
-        self.num_buckets, self.shuffle, self.seed, self.epoch = max(1, num_buckets), shuffle, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _world(self) -> tuple[int, int]:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-
-    def batches(self) -> list[list[int]]:
-        seed = global_seed() if self.seed is None else self.seed
-        rng = random.Random(seed * 100_003 + self.epoch)
-        order = sorted(range(len(self.durations)), key=lambda i: self.durations[i])
-        size = math.ceil(len(order) / self.num_buckets)
-        batches = []
-        for start in range(0, len(order), size):
-            bucket = order[start:start + size]
-            if self.shuffle:
-                rng.shuffle(bucket)
-            batch, longest = [], 0.0
-            for i in bucket:
-                longest_with = max(longest, self.durations[i])
-                if batch and longest_with * (len(batch) + 1) > self.max_seconds:
-                    batches.append(batch)
-                    batch, longest_with = [], self.durations[i]
-                batch.append(i)
-                longest = longest_with
-            if batch:
-                batches.append(batch)
-        if self.shuffle:
-            rng.shuffle(batches)
-        rank, world = self._world()
-        if len(batches) % world:
-            batches += batches[: world - len(batches) % world]
-        return batches[rank::world]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self.batches()
-
-    def __len__(self) -> int:
-        return len(self.batches())
-
-
 class LibriSpeechDataModule(L.LightningDataModule):
     """Train / validation / test splits of a LibriSpeech-layout corpus, bucketed and capped by seconds per batch."""
 
@@ -374,7 +313,7 @@ class LibriSpeechDataModule(L.LightningDataModule):
         # batches are packed on the slowest factor's durations, so that perturbed audio stays under the cap
         stretch = 1.0 / min(speed_factors) if speed_factors else 1.0
         durations = [u.duration * stretch for u in utterances]
-        sampler = DurationBatchSampler(durations, max(max_seconds, max(durations)), num_buckets=self.num_buckets,
+        sampler = LengthBatchSampler(durations, max(max_seconds, max(durations)), num_buckets=self.num_buckets,
                                        shuffle=shuffle, seed=self.seed)
         return make_loader(SpeechDataset(utterances, self.sample_rate, self.skip_bad, speed_factors),
                            batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers)

@@ -55,7 +55,7 @@ class PatchTSTPretrainTask(MaskedPretrainingTask):
         patches = rearrange(patches, "b c n p -> (b c) n p")  # every channel a series of its own
         return self.model.patch_embed.proj(patches), patches
 
-    def encode(self, tokens: Tensor, keep: Tensor | None) -> Tensor:
+    def encode(self, tokens: Tensor, keep: Tensor | None, padding: Tensor | None) -> Tensor:
         return self.model.encode(tokens)
 
     def batch_size(self, batch: tuple[Tensor, Tensor]) -> int:

@@ -59,7 +59,7 @@ class MAEPretrainTask(MaskedPretrainingTask):
             targets = (targets - mean) / (var + 1e-6).sqrt()
         return x, targets
 
-    def encode(self, tokens: Tensor, keep: Tensor | None) -> Tensor:
+    def encode(self, tokens: Tensor, keep: Tensor | None, padding: Tensor | None) -> Tensor:
         """Visible patch tokens (b k d) at `keep` → their encoder outputs (b k d) (prefix tokens dropped)."""
         m = self.model
         positions = m.pos_embed[:, m.prefix_positions:].expand(tokens.shape[0], -1, -1)  # (b n d)

@@ -1,19 +1,22 @@
 """Data plumbing every domain shares: where the shared data lies, fetching public data sets behind `download: true`
-(checksummed), and loaders whose order is a function of the epoch."""
+(checksummed), and loaders whose order is a function of the epoch (batches of similar length among them)."""
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import random
 import shutil
 import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Iterator, Sequence, Sized
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -103,6 +106,66 @@ class EpochRandomSampler(RandomSampler):
         seed = global_seed() if self.seed is None else self.seed
         generator = torch.Generator().manual_seed(seed * 100_003 + self.epoch)
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
+class LengthBatchSampler(Sampler[list[int]]):
+    """Batches of similar length whose padded size (longest × count) stays under `max_total`: utterances by
+    duration in seconds (speech), sequences by tokens (long-range).
+
+    Items are sorted by length and cut into `num_buckets` buckets; each epoch shuffles within buckets (seeded
+    from (seed, epoch)), packs batches, and shuffles the batch order. Under DDP it shards itself: every rank gets the
+    same number of batches (the list is padded by repeating batches), rank r takes batches r, r + world, ...
+    Lightning calls `set_epoch`; set `trainer.use_distributed_sampler: false` for multi-GPU runs.
+    """
+
+    def __init__(self, lengths: Sequence[float], max_total: float, *, num_buckets: int = 10, shuffle: bool = True,
+                 seed: int | None = None):
+        if max_total < max(lengths):
+            raise ValueError(f"max_total={max_total} per batch is below the longest item ({max(lengths)}): raise it "
+                             f"or shorten the items")
+        self.lengths, self.max_total = list(lengths), max_total
+        self.num_buckets, self.shuffle, self.seed, self.epoch = max(1, num_buckets), shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _world(self) -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def batches(self) -> list[list[int]]:
+        seed = global_seed() if self.seed is None else self.seed
+        rng = random.Random(seed * 100_003 + self.epoch)
+        order = sorted(range(len(self.lengths)), key=lambda i: self.lengths[i])
+        size = math.ceil(len(order) / self.num_buckets)
+        batches = []
+        for start in range(0, len(order), size):
+            bucket = order[start:start + size]
+            if self.shuffle:
+                rng.shuffle(bucket)
+            batch, longest = [], 0.0
+            for i in bucket:
+                longest_with = max(longest, self.lengths[i])
+                if batch and longest_with * (len(batch) + 1) > self.max_total:
+                    batches.append(batch)
+                    batch, longest_with = [], self.lengths[i]
+                batch.append(i)
+                longest = longest_with
+            if batch:
+                batches.append(batch)
+        if self.shuffle:
+            rng.shuffle(batches)
+        rank, world = self._world()
+        if len(batches) % world:
+            batches += batches[: world - len(batches) % world]
+        return batches[rank::world]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches()
+
+    def __len__(self) -> int:
+        return len(self.batches())
 
 
 def make_loader(

@@ -171,7 +171,8 @@ def replace_masked(x: Tensor, mask: Mask, token: Tensor) -> Tensor:
     return torch.where(mask.mask[:, :, None], token.reshape(1, 1, -1).to(x.dtype), x)
 
 
-def masked_mean(values: Tensor, mask: Mask) -> Tensor:
-    """The mean of per-token values (b n) over the masked tokens only."""
-    weights = mask.mask.to(values.dtype)
+def masked_mean(values: Tensor, mask: Mask, padding: Tensor | None = None) -> Tensor:
+    """The mean of per-token values (b n) over the masked tokens only, leaving out padding (b n) where given."""
+    counted = mask.mask if padding is None else mask.mask & ~padding
+    weights = counted.to(values.dtype)
     return (values * weights).sum() / weights.sum()

@@ -9,17 +9,20 @@ Two styles, one switch (`MaskedModelingConfig.visible_only`):
 
 A domain derives from `MaskedPretrainingTask`, keeps the encoder it will later fine-tune as `self.model` (the same
 class as its supervised task's model, so `init_from` finds the same names) and supplies its tokeniser and target:
-`tokens(batch)` and `encode(tokens, keep)`. The decoder, the mask token and the loss are here.
+`tokens(batch)` and `encode(tokens, keep, padding)`. The decoder, the mask token and the loss are here: the mean squared
+error of real-valued targets (pixels, patches) or the cross-entropy of discrete ones (`loss: cross_entropy`: bytes,
+symbols — BERT's masked-token prediction), over the masked tokens that are not padding.
 
-Shapes: b batch, n tokens, k visible, d encoder width, t target values per token.
+Shapes: b batch, n tokens, k visible, d encoder width, t target values per token (classes for cross-entropy).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polyformer.masking import Mask, MaskingConfig, gather_tokens, masked_mean, replace_masked, restore_tokens
@@ -40,6 +43,7 @@ class MaskedModelingConfig:
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     visible_only: bool = True  # MAE: the encoder sees visible tokens only; False: BERT-style mask tokens in place
     decoder: TransformerConfig | None = field(default_factory=_light_decoder)  # None: a linear head (BERT-style)
+    loss: Literal["mse", "cross_entropy"] = "mse"  # cross_entropy: targets are class indices (b n)
 
     def __post_init__(self) -> None:
         if self.visible_only and self.decoder is None:
@@ -47,6 +51,8 @@ class MaskedModelingConfig:
                              "(set a decoder, or visible_only=false for a linear head)")
         if self.decoder is not None and self.decoder.causal:
             raise ValueError("the masked-modelling decoder reads every token: expected decoder.causal=false")
+        if self.loss not in ("mse", "cross_entropy"):
+            raise ValueError(f"pretraining.loss must be 'mse' or 'cross_entropy', found {self.loss!r}")
 
 
 class MaskedDecoder(nn.Module):
@@ -91,12 +97,17 @@ class MaskedPretrainingTask(PolyformerTask):
 
     # ---- what a domain implements -------------------------------------------------------------------------------
     def tokens(self, batch: Any) -> tuple[Tensor, Tensor]:
-        """(embedded tokens (b n d) before positions, targets (b n t)) of a batch."""
+        """(embedded tokens (b n d) before positions, targets (b n t), or class indices (b n) for cross-entropy)."""
         raise NotImplementedError(f"{type(self).__name__} must implement tokens(batch)")
 
-    def encode(self, tokens: Tensor, keep: Tensor | None) -> Tensor:
-        """Encoder outputs for tokens (b k d) at positions keep (b k), or for all n tokens in order (keep=None)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement encode(tokens, keep)")
+    def encode(self, tokens: Tensor, keep: Tensor | None, padding: Tensor | None) -> Tensor:
+        """Encoder outputs for tokens (b k d) at positions keep (b k), or for all n tokens in order (keep=None);
+        padding (b n), True at padding, is what `padding(batch)` returned."""
+        raise NotImplementedError(f"{type(self).__name__} must implement encode(tokens, keep, padding)")
+
+    def padding(self, batch: Any) -> Tensor | None:
+        """(b n) True where a batch of sequences of unequal lengths is padded; None when every token is real."""
+        return None
 
     @property
     def token_grid(self) -> tuple[int, int] | None:
@@ -105,17 +116,26 @@ class MaskedPretrainingTask(PolyformerTask):
 
     # ---- the method -----------------------------------------------------------------------------------------------
     def predict_masked(self, batch: Any) -> tuple[Tensor, Tensor, Mask]:
-        """(predictions (b n t), targets (b n t), mask) of one batch."""
+        """(predictions (b n t), targets (b n t) or (b n), mask) of one batch."""
         tokens, targets = self.tokens(batch)
+        padding = self.padding(batch)
         b, n, _ = tokens.shape
         mask = self.pretraining.masking.sample(b, self.token_grid or n, device=tokens.device)
+        if padding is not None and self.pretraining.visible_only:
+            raise ValueError("padded sequences need mask tokens in place: expected pretraining.visible_only=false")
         if self.pretraining.visible_only:
             keep = mask.keep
-            encoded = self.encode(gather_tokens(tokens, keep), keep)  # (b k d)
+            encoded = self.encode(gather_tokens(tokens, keep), keep, None)  # (b k d)
         else:
-            encoded = self.encode(replace_masked(tokens, mask, self.mask_token), None)  # (b n d)
+            encoded = self.encode(replace_masked(tokens, mask, self.mask_token), None, padding)  # (b n d)
         return self.decoder(encoded, mask), targets, mask
 
     def step(self, batch: Any, stage: str) -> Tensor:
         predictions, targets, mask = self.predict_masked(batch)
-        return masked_mean((predictions.float() - targets.float()).pow(2).mean(dim=-1), mask)
+        padding = self.padding(batch)  # masked padding is not counted
+        if self.pretraining.loss == "cross_entropy":
+            per_token = F.cross_entropy(predictions.float().transpose(1, 2), targets, reduction="none")  # (b n)
+            accuracy = masked_mean((predictions.argmax(-1) == targets).float(), mask, padding)
+            self.log(f"{stage}/masked_acc", accuracy, on_epoch=True, sync_dist=True, batch_size=targets.shape[0])
+            return masked_mean(per_token, mask, padding)
+        return masked_mean((predictions.float() - targets.float()).pow(2).mean(dim=-1), mask, padding)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from polyformer.data import LengthBatchSampler
 from polyformer.domains.speech.data import (
-    DurationBatchSampler,
     LibriSpeechDataModule,
     SpeechDataset,
     collate,
@@ -82,7 +82,7 @@ def test_corrupt_audio_body_fails_at_decoding_or_is_skipped(corpus_copy):
 def test_duration_batches_cover_everything_under_the_cap(monkeypatch):
     rng = np.random.default_rng(0)
     durations = rng.uniform(1.0, 15.0, size=200).tolist()
-    sampler = DurationBatchSampler(durations, 40.0, num_buckets=5, seed=1)
+    sampler = LengthBatchSampler(durations, 40.0, num_buckets=5, seed=1)
     batches = list(sampler)
     assert sorted(i for b in batches for i in b) == list(range(200))
     assert all(max(durations[i] for i in b) * len(b) <= 40.0 for b in batches)
@@ -92,7 +92,7 @@ def test_duration_batches_cover_everything_under_the_cap(monkeypatch):
     # under DDP each rank takes every world-th batch; together they cover everything, equally many per rank
     shards = []
     for rank in range(3):
-        monkeypatch.setattr(DurationBatchSampler, "_world", lambda self, r=rank: (r, 3))
+        monkeypatch.setattr(LengthBatchSampler, "_world", lambda self, r=rank: (r, 3))
         shards.append(list(sampler))
     assert len({len(s) for s in shards}) == 1
     assert {i for s in shards for b in s for i in b} == set(range(200))
@@ -154,7 +154,7 @@ def test_duration_batches_go_through_the_seeded_make_loader():
     from polyformer.data import make_loader
 
     durations = [1.0, 2.0, 3.0, 4.0]
-    sampler = DurationBatchSampler(durations, 5.0, num_buckets=2, seed=0)
+    sampler = LengthBatchSampler(durations, 5.0, num_buckets=2, seed=0)
     loader = make_loader(list(range(4)), batch_sampler=sampler)
     state = torch.get_rng_state()
     batches = [batch.tolist() for batch in loader]

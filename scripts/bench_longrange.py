@@ -1,0 +1,190 @@
+"""Long Range Arena benchmark: every (task, model, from scratch | self-pretrained) cell at an equal wall-clock budget.
+
+    python scripts/bench_longrange.py [--quick] [--json PATH] [--out DIR] [--reuse] [--jobs 2]
+                                      [--tasks text listops pathfinder] [--kernels full local linear]
+                                      [--minutes text=7 listops=5 pathfinder=5] [--seed 0]
+
+Cells: the three attention kernels (--kernels) on Text, the kernel with the best self-pretrained validation accuracy
+on Text on ListOps and Pathfinder (`full` when Text is not run), the LSTM and S4D peers on all three. Every model has
+the configs' sizes (~70-85 k parameters), lengths, batches of similar length under the same padded-token budget,
+loss, optimizer and learning rate; each cell trains for the same wall time (`trainer.max_time`): `scratch` all of it
+on the labels, `spt` half of it self-pretraining on the task's training inputs (configs/longrange/<task>_pretrain.yaml,
+masked-token denoising), half fine-tuning from that checkpoint. A run is `polyformer fit -c configs/longrange/<task>.yaml
+-c configs/longrange/cpu/<task>.yaml [-c configs/longrange/mixers/<model>.yaml]`, then `polyformer validate` and
+`polyformer test` of its last checkpoint, one torch thread each, --jobs at a time. Validation alone picks the best
+kernel and each task's best cell, whose weights go weights-only to DIR/weights/longrange/<task>.ckpt.
+
+--json keys: accuracy (task → model → {scratch, spt}: test accuracy), val_accuracy (the same on validation),
+minutes (task → model → {scratch, spt}: wall minutes of the cell's fits, pre-training included), tokens_per_s (the
+fine-tuning or scratch fit's real tokens per second of training steps), peak_mb (the process's peak resident memory),
+steps, params, protocol (budgets, lengths, sizes, widths, as run), best (task → {model, mode, checkpoint, config}).
+--quick: a few batches of every cell on tiny generated data (checks the script, not a result).
+"""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+from polyformer.bench import QUICK, bench_parser, last_value, last_values, polyformer, recorded, run, write_json
+from polyformer.checkpoint import save_weights
+from polyformer.cli import newest_version
+from polyformer.data import PROJECT_ROOT as ROOT
+from polyformer.domains.longrange import listops, pathfinder
+from polyformer.domains.longrange.data import CACHE
+
+CONFIGS = ROOT / "configs" / "longrange"
+TASKS = ("text", "listops", "pathfinder")
+KERNELS = ("full", "local", "linear")
+PEERS = ("lstm", "s4d")
+MODES = ("scratch", "spt")
+# quick: tiny generated splits, the smallest Text split sizes; full runs use the configs' own
+QUICK_DATA = {"text": ["--data.init_args.train_size=64", "--data.init_args.val_size=32",
+                       "--data.init_args.heldout_size=32"],
+              "listops": ["--data.init_args.spec.train=64", "--data.init_args.spec.val=16",
+                          "--data.init_args.spec.test=16"],
+              "pathfinder": ["--data.init_args.spec.train=64", "--data.init_args.spec.val=16",
+                             "--data.init_args.spec.test=16"]}
+
+
+def max_time(minutes: float) -> str:
+    seconds = int(round(minutes * 60))
+    return f"00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def configs(task: str, model: str, pretrain: bool = False) -> list[Path]:
+    files = [CONFIGS / f"{task}{'_pretrain' if pretrain else ''}.yaml", CONFIGS / "cpu" / f"{task}.yaml"]
+    return files + ([CONFIGS / "mixers" / f"{model}.yaml"] if model != "full" else [])
+
+
+def config_args(files: list[Path]) -> list[str]:
+    return [arg for file in files for arg in ("-c", str(file.relative_to(ROOT)))]
+
+
+def generate_data(task: str) -> None:
+    """Generates a task's splits as its configs (task + CPU cut) define them, before cells run side by side."""
+    spec: dict = {}
+    for file in configs(task, "full"):
+        spec |= ((yaml.safe_load(file.read_text()).get("data") or {}).get("init_args") or {}).get("spec") or {}
+    if task == "listops":
+        listops.generate(listops.ListOpsSpec(**spec), CACHE)
+    elif task == "pathfinder":
+        pathfinder.generate(pathfinder.PathfinderSpec(**spec), CACHE)
+
+
+def cell(task: str, model: str, mode: str, minutes: float, out: Path, quick: bool, seed: int, reuse: bool) -> dict:
+    """Trains, validates and tests one cell; its record (out/records/<name>.json) lets --reuse skip it."""
+    name = f"{task}_{model}_{mode}_seed{seed}"
+
+    def produce() -> dict:
+        if quick:  # the CPU configs validate after the fit only; quick validates its one epoch
+            budget = [*QUICK, "--trainer.val_check_interval=1.0", "--trainer.log_every_n_steps=1", *QUICK_DATA[task]]
+        else:
+            budget = [f"--trainer.max_time={max_time(minutes / (2 if mode == 'spt' else 1))}"]
+        common = [f"--seed_everything={seed}", f"--run.root={out / 'runs'}", "--run.domain=longrange", *budget]
+        seconds, init = 0.0, []
+        if mode == "spt":
+            files = configs(task, model, pretrain=True)
+            seconds += run(polyformer("fit", *config_args(files), *common, f"--run.name={name}_pretrain"),
+                           out / "logs" / f"{name}_pretrain.fit.log")
+            pretrained = newest_version(out / "runs" / "longrange" / f"{name}_pretrain") / "checkpoints" / "last.ckpt"
+            init = [f"--model.init_args.init_from={pretrained}"]
+        files = configs(task, model)
+        where = [*common, f"--run.name={name}", *init]
+        seconds += run(polyformer("fit", *config_args(files), *where), out / "logs" / f"{name}.fit.log")
+        folder = out / "runs" / "longrange" / name
+        fitted = newest_version(folder)
+        checkpoint = fitted / "checkpoints" / "last.ckpt"
+        for stage in ("validate", "test"):
+            run(polyformer(stage, *config_args(files), *where, f"--ckpt_path={checkpoint}"),
+                out / "logs" / f"{name}.{stage}.log")
+        train = last_values(fitted / "metrics.csv")  # the fit's own version: its last logged values
+        return {"val": last_value(folder, "val/acc"), "test": last_value(folder, "test/acc"),
+                "minutes": seconds / 60, "tokens_per_s": train["train/tokens_per_s"],
+                "peak_mb": train["train/peak_mb"], "steps": int(train["step"]) + 1, "params": int(train["train/params"]),
+                "checkpoint": str(checkpoint), "config": [str(f.relative_to(ROOT)) for f in files] + init}
+
+    return recorded(out / "records" / f"{name}.json", reuse, produce)
+
+
+def main() -> None:
+    parser = bench_parser(__doc__.splitlines()[0], ROOT / "bench_out" / "longrange")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
+    parser.add_argument("--minutes", nargs="+", default=["text=7", "listops=5", "pathfinder=5"],
+                        help="wall minutes per cell, task=minutes")
+    parser.add_argument("--jobs", type=int, default=2, help="cells at a time (one torch thread each)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    minutes = {task: 7.0 for task in TASKS}
+    for item in args.minutes:
+        if not re.fullmatch(r"(text|listops|pathfinder)=[0-9.]+", item):
+            raise SystemExit(f"--minutes: expected task=minutes (e.g. text=7), found {item!r}")
+        task, value = item.split("=")
+        minutes[task] = float(value)
+
+    def run_cells(cells: list[tuple[str, str, str]]) -> dict:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = {c: pool.submit(cell, *c, minutes[c[0]], args.out, args.quick, args.seed, args.reuse)
+                       for c in cells}
+        return {c: future.result() for c, future in futures.items()}
+
+    if not args.quick:
+        for task in args.tasks:
+            generate_data(task)
+    results: dict[tuple[str, str, str], dict] = {}
+    if "text" in args.tasks:
+        results |= run_cells([("text", model, mode) for model in (*args.kernels, *PEERS) for mode in MODES])
+        kernel = max(args.kernels, key=lambda k: results[("text", k, "spt")]["val"])
+    else:
+        kernel = "full"
+    rest = [t for t in args.tasks if t != "text"]
+    results |= run_cells([(task, model, mode) for task in rest for model in (kernel, *PEERS) for mode in MODES])
+
+    def table(key: str) -> dict:
+        """task → model → mode → the cells' `key`."""
+        figures: dict = {}
+        for (task, model, mode), record in results.items():
+            figures.setdefault(task, {}).setdefault(model, {})[mode] = record[key]
+        return figures
+
+    best = {}
+    for task in args.tasks:
+        (t, model, mode), record = max(((c, r) for c, r in results.items() if c[0] == task),
+                                       key=lambda item: item[1]["val"])
+        weights = args.out / "weights" / "longrange" / f"{task}.ckpt"
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        sha256 = save_weights(record["checkpoint"], weights) if not args.quick else None
+        best[task] = {"model": model, "mode": mode, "val": record["val"], "test": record["test"],
+                      "checkpoint": str(weights.relative_to(args.out)) if sha256 else record["checkpoint"],
+                      "sha256": sha256, "config": record["config"]}
+    figures = {
+        "accuracy": table("test"), "val_accuracy": table("val"), "minutes": table("minutes"),
+        "tokens_per_s": table("tokens_per_s"), "peak_mb": table("peak_mb"), "steps": table("steps"),
+        "params": table("params"), "best": best,
+        "protocol": {"quick": args.quick, "seed": args.seed, "minutes_per_cell": {t: minutes[t] for t in args.tasks},
+                     "spt": "half the cell's minutes self-pretraining, half fine-tuning",
+                     "kernel_for_listops_pathfinder": kernel,
+                     "max_len": {"text": 4096, "listops": 2000, "pathfinder": 1024},
+                     "max_tokens_per_batch": {"text": 65536, "listops": 32000, "pathfinder": "32 images"},
+                     "data": {"text": "aclImdb train: 1,000 val, 1,000 held-out test, the rest training",
+                              "listops": "generated: 20,000 / 1,000 / 1,000, 500-2,000 tokens",
+                              "pathfinder": "generated: 40,000 / 2,000 / 2,000, contour length 10"},
+                     "widths": {"transformer": "dim 64, 2 blocks, 4 heads, mlp 128, sinusoidal",
+                                "lstm": "bidirectional, 48 per direction", "s4d": "dim 64, 3 blocks, state 48"},
+                     "local_window": 256},
+    }
+    for task in args.tasks:
+        print(f"\n{task}: test accuracy (val) | minutes | tokens/s | peak MB | steps | params")
+        for (t, model, mode), r in results.items():
+            if t == task:
+                print(f"  {model:7s} {mode:8s} {r['test']:.3f} ({r['val']:.3f}) | {r['minutes']:5.1f} | "
+                      f"{r['tokens_per_s']:8.0f} | {r['peak_mb']:6.0f} | {r['steps']:5d} | {r['params']}")
+    write_json(args.json, figures)
+
+
+if __name__ == "__main__":
+    main()
