@@ -32,6 +32,7 @@ from __future__ import annotations
 import csv
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +67,17 @@ GRID = {"vision": [(t, w) for t in (1.0, 4.0) for w in (0.5, 0.9)] + [(2.0, 0.9)
 # epoch's, or the best), and which of two values is better
 VALIDATION = {"vision": ("val/acc1", lambda values: values[-1], max), "timeseries": ("val/mse", min, min),
               "speech": ("val/cer", lambda values: values[-1], min)}
+
+
+# the demo's synthetic corpus (scripts/demo.sh, weights/README.md): the speech teacher's data, made when missing
+SPEECH_CORPUS = ["scripts/make_synthetic_librispeech.py", "--out", "data/speech_demo", "--train-utterances", "800",
+                 "--dev", "50", "--test", "100", "--heldout", "50", "--max-words", "10", "--seed", "0"]
+
+
+def ensure_speech_corpus(out: Path) -> None:
+    """Makes the demo's synthetic LibriSpeech corpus (espeak-ng) when a fresh clone has none: what demo.sh makes."""
+    if not (ROOT / "data" / "speech_demo" / "LibriSpeech" / "train").is_dir():
+        run([sys.executable, *SPEECH_CORPUS], out / "logs" / "make_speech_corpus.log")
 
 
 def read_config(domain: str) -> dict:
@@ -261,6 +273,8 @@ def main() -> None:
     os.chdir(ROOT)  # the configs' data paths are relative to the repository
     torch.set_num_threads(1)
     figures: dict = {"quick": args.quick, "seeds": args.seeds, "threads": 1}
+    if "speech" in args.domains:
+        ensure_speech_corpus(args.out)
 
     selected = {}
     if "select" in args.parts:

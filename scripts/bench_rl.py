@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short CartPole training and fewer timing steps")
     parser.add_argument("--json", type=Path, help="write the headline figures (and details) here")
-    parser.add_argument("--figure", type=Path, default=ROOT / "domains/rl/figures/target_return.png")
+    parser.add_argument("--figure", type=Path, default=ROOT / "domains/rl/results/target_return.png")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs/rl", help="where the HalfCheetah runs are")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--refresh", type=Path, help="re-read the HalfCheetah runs into this earlier --json result "

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Every benchmark's --quick (a few batches of everything: it checks the scripts, not results), each into its own
+# temporary folder, so that a renamed flag or metric fails CI; .ci/run calls it after the test suite.
+#   scripts/bench_quick.sh [bench_name ...]   (all scripts/bench_*.py by default; sets up .venv when missing)
+set -euo pipefail
+source "$(dirname "$0")/bootstrap.sh"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONWARNINGS=ignore
+out=$(mktemp -d -t bench_quick.XXXXXX)
+trap 'rm -rf "$out"' EXIT
+names=("$@")
+if ((${#names[@]} == 0)); then
+  for script in scripts/bench_*.py; do names+=("$(basename "$script" .py)"); done
+fi
+summary=()
+for name in "${names[@]}"; do
+  echo "=== $name --quick"
+  t0=$(date +%s)
+  where=()  # every runner-based benchmark takes --out; the others write nothing but their JSON
+  if python "scripts/$name.py" --help | grep -q -- "--out"; then where=(--out "$out/$name"); fi
+  if ! python "scripts/$name.py" --quick "${where[@]}" --json "$out/$name.json" >"$out/$name.log" 2>&1; then
+    tail -40 "$out/$name.log"
+    echo "bench_quick: $name --quick failed (its output above)"
+    exit 1
+  fi
+  [[ -s "$out/$name.json" ]] || { echo "bench_quick: $name --quick wrote no JSON"; exit 1; }
+  summary+=("$name $(( $(date +%s) - t0 ))s")
+done
+printf '%s\n' "=== every --quick passed:" "${summary[@]}"
