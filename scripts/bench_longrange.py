@@ -1,18 +1,19 @@
 """Long Range Arena benchmark: every (task, model, from scratch | self-pretrained) cell at an equal wall-clock budget.
 
     python scripts/bench_longrange.py [--quick] [--json PATH] [--out DIR] [--reuse] [--jobs 2]
-                                      [--tasks text listops pathfinder] [--kernels full local linear]
+                                      [--tasks text listops pathfinder] [--kernels full local linear] [--peers lstm s4d]
                                       [--minutes text=7 listops=5 pathfinder=5] [--seed 0]
 
 Cells: the three attention kernels (--kernels) on Text, the kernel with the best self-pretrained validation accuracy
-on Text on ListOps and Pathfinder (`full` when Text is not run), the LSTM and S4D peers on all three. Every model has
-the configs' sizes (~70-85 k parameters), lengths, batches of similar length under the same padded-token budget,
-loss, optimizer and learning rate; each cell trains for the same wall time (`trainer.max_time`): `scratch` all of it
-on the labels, `spt` half of it self-pretraining on the task's training inputs (configs/longrange/<task>_pretrain.yaml,
-masked-token denoising), half fine-tuning from that checkpoint. A run is `polyformer fit -c configs/longrange/<task>.yaml
--c configs/longrange/cpu/<task>.yaml [-c configs/longrange/mixers/<model>.yaml]`, then `polyformer validate` and
-`polyformer test` of its last checkpoint, one torch thread each, --jobs at a time. Validation alone picks the best
-kernel and each task's best cell, whose weights go weights-only to DIR/weights/longrange/<task>.ckpt.
+on Text on ListOps and Pathfinder (`full` when Text is not run), the LSTM and S4D peers (--peers) on all three. Every
+model has the configs' sizes (~70-85 k parameters), lengths, batches of similar length under the same padded-token
+budget, loss, optimizer and learning rate; each cell trains for the same wall time (`trainer.max_time`): `scratch` all
+of it on the labels, `spt` half of it self-pretraining on the task's training inputs
+(configs/longrange/<task>_pretrain.yaml, masked-token denoising), half fine-tuning from that checkpoint. A run is
+`polyformer fit -c configs/longrange/<task>.yaml -c configs/longrange/cpu/<task>.yaml [-c
+configs/longrange/mixers/<model>.yaml]`, then `polyformer validate` and `polyformer test` of its last checkpoint, one
+torch thread each, --jobs at a time. Validation alone picks the best kernel and each task's best cell, whose weights
+go weights-only to DIR/weights/longrange/<task>.ckpt.
 
 --json keys: accuracy (task → model → {scratch, spt}: test accuracy), val_accuracy (the same on validation),
 minutes (task → model → {scratch, spt}: wall minutes of the cell's fits, pre-training included), tokens_per_s (the
@@ -114,6 +115,8 @@ def main() -> None:
     parser = bench_parser(__doc__.splitlines()[0], ROOT / "bench_out" / "longrange")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
+    parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS,
+                        help="the non-attention peers to run beside the kernels (none: --peers alone)")
     parser.add_argument("--minutes", nargs="+", default=["text=7", "listops=5", "pathfinder=5"],
                         help="wall minutes per cell, task=minutes")
     parser.add_argument("--jobs", type=int, default=2, help="cells at a time (one torch thread each)")
@@ -137,12 +140,12 @@ def main() -> None:
             generate_data(task)
     results: dict[tuple[str, str, str], dict] = {}
     if "text" in args.tasks:
-        results |= run_cells([("text", model, mode) for model in (*args.kernels, *PEERS) for mode in MODES])
+        results |= run_cells([("text", model, mode) for model in (*args.kernels, *args.peers) for mode in MODES])
         kernel = max(args.kernels, key=lambda k: results[("text", k, "spt")]["val"])
     else:
         kernel = "full"
     rest = [t for t in args.tasks if t != "text"]
-    results |= run_cells([(task, model, mode) for task in rest for model in (kernel, *PEERS) for mode in MODES])
+    results |= run_cells([(task, model, mode) for task in rest for model in (kernel, *args.peers) for mode in MODES])
 
     def table(key: str) -> dict:
         """task → model → mode → the cells' `key`."""
@@ -166,6 +169,7 @@ def main() -> None:
         "tokens_per_s": table("tokens_per_s"), "peak_mb": table("peak_mb"), "steps": table("steps"),
         "params": table("params"), "best": best,
         "protocol": {"quick": args.quick, "seed": args.seed, "minutes_per_cell": {t: minutes[t] for t in args.tasks},
+                     "peers": args.peers,
                      "spt": "half the cell's minutes self-pretraining, half fine-tuning",
                      "kernel_for_listops_pathfinder": kernel,
                      "max_len": {"text": 4096, "listops": 2000, "pathfinder": 1024},
