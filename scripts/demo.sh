@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on embedded data (no network): short runs of every landed domain, then a summary table.
-#   scripts/demo.sh [DOMAIN ...]   (all domains by default: core vision timeseries rl speech; sets up Debian
+#   scripts/demo.sh [DOMAIN ...]   (all domains by default: core vision timeseries rl speech longrange; sets up Debian
 #                                   packages and .venv when missing; figures and times in the summary)
 set -euo pipefail
 source "$(dirname "$0")/bootstrap.sh"
@@ -86,6 +86,17 @@ REAL_SPEECH=(-c configs/speech/conformer_ctc_tiny_real.yaml "${QUIET[@]}"
 real_speech() { polyformer predict "${REAL_SPEECH[@]}" && polyformer test "${REAL_SPEECH[@]}"; }
 run_step speech "Conformer-CTC, committed weights, 3 real utterances" \
   "python scripts/run_metrics.py $RUNS/speech/conformer_ctc_tiny_real test/cer test/wer" -- real_speech
+
+# --- longrange: the committed LRA Text and ListOps models on 3 validation examples each, and the validation split ---
+mkdir -p "$RUNS/longrange"
+long_range() {
+  python scripts/longrange_examples.py --task text --weights weights/longrange/text.ckpt | tee "$RUNS/longrange/text.txt" &&
+  python scripts/longrange_examples.py --task listops --weights weights/longrange/listops.ckpt \
+    | tee "$RUNS/longrange/listops.txt"
+}
+run_step longrange "LRA Text + ListOps, committed weights (3 + val each)" \
+  "echo \"Text val acc \$(tail -1 $RUNS/longrange/text.txt | cut -d' ' -f3), ListOps \$(tail -1 $RUNS/longrange/listops.txt | cut -d' ' -f3)\"" \
+  -- long_range
 
 echo
 echo "=== summary (total $(( $(date +%s) - started )) s; runs under $RUNS/)"
