@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from polyformer.deploy import Exportable
-from polyformer.domains.longrange.model import SequenceClassifier, SequenceClassifierConfig
+from polyformer.domains.longrange.model import S4DBlock, SequenceClassifier, SequenceClassifierConfig
 from polyformer.finetune import FinetuneConfig
 from polyformer.masking import MaskingConfig
 from polyformer.pretraining import MaskedModelingConfig, MaskedPretrainingTask
@@ -79,6 +79,7 @@ class LongRangeTask(PolyformerTask):
     """Cross-entropy classification of whole sequences; logs {stage}/acc."""
 
     architecture_fields = ("model.mixer", "model.vocab_size")
+    block_types = (S4DBlock,)  # FSDP units and activation checkpointing beside the core's TransformerBlock
 
     def __init__(self, model: SequenceClassifierConfig | None = None, optimizer: OptimizerConfig | None = None,
                  init_from: str | None = None, finetune: FinetuneConfig | None = None):
@@ -124,6 +125,8 @@ def masked_denoising() -> MaskedModelingConfig:
 class LongRangePretrainTask(MaskedPretrainingTask):
     """Masked-token denoising of the task's training sequences (labels unused); `self.model` is the classifier
     that `LongRangeTask` fine-tunes (its head untrained here: leave it out with `finetune.exclude: [model.head.]`)."""
+
+    block_types = (S4DBlock,)
 
     def __init__(self, model: SequenceClassifierConfig | None = None, pretraining: MaskedModelingConfig | None = None,
                  optimizer: OptimizerConfig | None = None):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from polyformer.domains.speech.conformer import ConformerBlock
 from polyformer.domains.speech.frontend import padding_mask
 from polyformer.domains.speech.model import SpeechModelConfig, SpeechRecognizer
 from polyformer.domains.speech.task import fit_normalizer
@@ -73,6 +74,8 @@ class RandomProjectionQuantizer(nn.Module):
 
 class BestRQPretrainTask(PolyformerTask):
     """A speech encoder pre-trained by BEST-RQ on audio alone."""
+
+    block_types = (ConformerBlock,)  # FSDP units and activation checkpointing (polyformer.distributed)
 
     def __init__(self, model: SpeechModelConfig | None = None, bestrq: BestRQConfig | None = None,
                  optimizer: OptimizerConfig | None = None):

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
+from polyformer.domains.speech.conformer import ConformerBlock
 from polyformer.domains.speech.decoding import BeamSearchDecoder, LexiconDecoder, greedy_decode
 from polyformer.domains.speech.frontend import padding_mask
 from polyformer.domains.speech.model import SpeechModelConfig, SpeechRecognizer
@@ -46,6 +47,7 @@ class SpeechRecognitionTask(PolyformerTask):
     """A CTC recognizer (Conformer or Transformer encoder) on waveform batches from LibriSpeechDataModule."""
 
     inference_fields = ("decoding", "beam_size", "lexicon", "lm", "lm_weight", "word_score")
+    block_types = (ConformerBlock,)  # FSDP units and activation checkpointing (polyformer.distributed)
 
     def __init__(
         self,

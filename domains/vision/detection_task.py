@@ -20,8 +20,8 @@ from torchvision.utils import draw_bounding_boxes
 
 from polyformer.domains.vision.data import load_rgb
 from polyformer.domains.vision.detection_data import VOCDetectionDataModule
-from polyformer.domains.vision.deformable_detr import (DeformableDETR, DeformableDETRConfig, detection_loss,
-                                                       top_detections)
+from polyformer.domains.vision.deformable_detr import (DecoderLayer, DeformableDETR, DeformableDETRConfig,
+                                                       EncoderLayer, detection_loss, top_detections)
 from polyformer.domains.vision.detr import DETR, DETRConfig, denoising_loss, detections, detr_loss
 from polyformer.deploy import Exportable
 from polyformer.finetune import FinetuneConfig
@@ -42,6 +42,7 @@ class DetectorTask(PolyformerTask):
     and implements `losses`."""
 
     inference_fields = ("score_threshold",)
+    block_types = (EncoderLayer, DecoderLayer)  # Deformable DETR's layers; DETR's are the core's TransformerBlock
     num_classes: int
 
     def __init__(self, optimizer: OptimizerConfig | None = None, *, backbone_lr_scale: float, score_threshold: float,

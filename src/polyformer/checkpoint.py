@@ -5,7 +5,9 @@ through these functions.
   in one line), `read_pretrained` (the tensors and hyper-parameters of any checkpoint, state dict or .safetensors).
 - Checking: `load_weights` loads a state dict and names the missing and unexpected keys and the shapes that differ.
 - Writing: `write_atomically` (a temporary file, fsync, rename: a killed process leaves the old file whole),
-  `save_weights` (a weights-only copy of a Lightning checkpoint).
+  `save_weights` (a weights-only copy of a Lightning checkpoint, a sharded one included: `polyformer consolidate`).
+- Sharded checkpoints (a sharded run's folder of `torch.distributed.checkpoint` shards and Lightning's `meta.pt`):
+  `is_sharded`, `sharded_ranks` (how many ranks wrote it; a missing shard refused naming it), `load_sharded`.
 - Classes and configs: `task_class` (the task class a checkpoint records), `import_class`, and `to_plain` /
   `from_plain`, the round trip of dataclass configs through the plain data a weights-only checkpoint may hold.
 """
@@ -15,8 +17,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import io
 import os
 import pickle
+import re
+import warnings
 import typing
 import zipfile
 from collections.abc import Callable, Mapping
@@ -61,8 +66,9 @@ def write_atomically(path: str | Path, write: Callable[[IO[bytes]], None]) -> No
 
 def save_weights(checkpoint: str | Path, out: str | Path) -> str:
     """A weights-only copy of a Lightning checkpoint at `out`: its hyper-parameters and fp32 state dict, no optimizer
-    or loop state (what `polyformer test --ckpt_path` and `init_from` need). Returns the file's sha256."""
-    source = load_checkpoint(checkpoint)
+    or loop state (what `polyformer test --ckpt_path` and `init_from` need). A sharded checkpoint's folder is read
+    whole first (`polyformer consolidate`). Returns the file's sha256."""
+    source = load_sharded(checkpoint) if is_sharded(checkpoint) else load_checkpoint(checkpoint)
     if "state_dict" not in source:
         raise CheckpointError(f"{checkpoint}: expected a Lightning checkpoint with a 'state_dict', found keys "
                               f"{sorted(source)[:8]}")
@@ -71,6 +77,47 @@ def save_weights(checkpoint: str | Path, out: str | Path) -> str:
                              for name, value in source["state_dict"].items()}
     write_atomically(out, lambda file: torch.save(weights, file))
     return hashlib.sha256(Path(out).read_bytes()).hexdigest()
+
+
+# ---- sharded checkpoints ----------------------------------------------------------------------------------------
+SHARD_FILE = re.compile(r"__(\d+)_\d+\.distcp")  # torch.distributed.checkpoint's file of rank N
+
+
+def is_sharded(path: str | Path) -> bool:
+    """Whether `path` is a sharded checkpoint: a folder with torch.distributed.checkpoint's `.metadata`."""
+    return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
+
+
+def sharded_ranks(path: str | Path) -> int:
+    """How many ranks wrote the sharded checkpoint at `path`. A shard file its metadata names but the folder lacks
+    raises a CheckpointError naming the missing files."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = Path(path)
+    files = {item.relative_path for item in FileSystemReader(path).read_metadata().storage_data.values()}
+    missing = sorted(name for name in files if not (path / name).is_file())
+    if missing:
+        raise CheckpointError(f"sharded checkpoint {path} lacks {', '.join(missing)} of its {len(files)} shard files "
+                              f"(each rank writes its own): copy the whole folder from the run that wrote it")
+    return len({match.group(1) for name in files if (match := SHARD_FILE.fullmatch(name))})
+
+
+def load_sharded(path: str | Path) -> dict:
+    """A sharded checkpoint read whole into one process: every tensor gathered from its shards (`state_dict`,
+    `optimizer_0`, ...) and Lightning's `meta.pt` (hyper-parameters, loop state)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = Path(path)
+    sharded_ranks(path)  # every shard present
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp_to_torch_save(path, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, map_location="cpu", weights_only=True)
+    if (path / "meta.pt").is_file():
+        checkpoint.update(load_checkpoint(path / "meta.pt"))
+    return checkpoint
 
 
 # ---- reading ----------------------------------------------------------------------------------------------------
@@ -106,7 +153,11 @@ def torch_reason(error: BaseException) -> str:
 def load_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu") -> dict:
     """torch.load with weights_only=True. A CheckpointError (a ValueError) naming the file refuses a checkpoint that
     is truncated or corrupted (every entry of its archive is checked against its CRC-32), one torch.load cannot read,
-    and one that would unpickle arbitrary objects."""
+    and one that would unpickle arbitrary objects; a sharded checkpoint's folder is named as one, with its remedy."""
+    if is_sharded(path):
+        raise CheckpointError(f"{path} is a sharded checkpoint (a folder of {sharded_ranks(path)} ranks' shards): "
+                              f"`polyformer consolidate {path} <file.ckpt>` writes the single weights-only file that "
+                              f"test, export and init_from read")
     if check_archive(path):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)

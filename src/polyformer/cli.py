@@ -2,6 +2,7 @@
 
     polyformer fit -c configs/<domain>/<name>.yaml [--trainer.devices=2 --trainer.strategy=ddp] [--ckpt_path last]
     polyformer export -c configs/<domain>/<name>.yaml --ckpt_path <ckpt> --format onnx|pt2 --out <path>
+    polyformer consolidate <sharded checkpoint folder> <file.ckpt>
 
 Every command opens a new runs/<domain>/<name>/version_N/ (metrics.csv, TensorBoard events, config.yaml,
 checkpoints/ with last.ckpt); <domain>/<name> come from the (first) config file's path unless --run.domain /
@@ -13,6 +14,10 @@ validate / predict evaluate it; either way the new version keeps its own metrics
 Faults (faults.py): checkpoints are written atomically; a NaN or inf loss stops training with the checkpoints
 written so far kept; a truncated, corrupted or unsafe checkpoint, or one of another architecture, ends the command
 with one line naming the file and what is wrong; in a multi-process run, a rank that raises ends every rank.
+
+Sharding (distributed.py): `--trainer.strategy=fsdp` shards the task with FSDP2 on GPUs and CPU processes alike and
+writes sharded checkpoints (folders), which `--ckpt_path` resumes on the same number of ranks and `polyformer
+consolidate` turns into one weights-only file.
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from polyformer.checkpoint import CheckpointError, import_class, load_checkpoint, load_weights, task_class
+from polyformer.checkpoint import (CheckpointError, import_class, is_sharded, load_checkpoint, load_weights,
+                                   save_weights, sharded_ranks, task_class)
 from polyformer.deploy import ExportError, max_abs_diff
 from polyformer.faults import AtomicCheckpointIO, NonFiniteError, RankFaults, StopOnNonFinite, share_rank_faults
+from polyformer.distributed import ShardedStrategy, ShardingConfig
 from polyformer.training import PolyformerTask, Throughput
 
 
@@ -60,10 +67,10 @@ def newest_version(run_dir: Path) -> Path:
 
 def newest_with(run_dir: Path, relative: str) -> Path | None:
     """version_N/<relative> of the newest version that holds it, e.g. checkpoints/last.ckpt (a test run's version
-    has none) or a task's eval.json."""
+    has none; a sharded run's is a folder) or a task's eval.json."""
     for version in reversed(version_numbers(run_dir)):
         path = run_dir / f"version_{version}" / relative
-        if path.is_file():
+        if path.is_file() or is_sharded(path):
             return path
     return None
 
@@ -88,6 +95,7 @@ class PolyformerCLI(LightningCLI):
         parser.add_argument("--run.name", type=str | None, default=None, help="default: the config file's stem")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
+        parser.add_class_arguments(ShardingConfig, "sharding", help="activation checkpointing and FSDP options")
 
     def subcommand_config(self):
         """The parsed config of the running subcommand (fit, test, ...), or the whole config without one."""
@@ -97,9 +105,9 @@ class PolyformerCLI(LightningCLI):
     def refuse_unreadable_checkpoint(ckpt_path: str | None) -> None:
         """A checkpoint that is truncated, corrupted or whose pickle could run code is refused, in one line, before
         anything else loads it."""
-        if ckpt_path and Path(ckpt_path).is_file():
+        if ckpt_path and (Path(ckpt_path).is_file() or is_sharded(ckpt_path)):
             try:
-                load_checkpoint(ckpt_path)
+                sharded_ranks(ckpt_path) if is_sharded(ckpt_path) else load_checkpoint(ckpt_path)
             except CheckpointError as error:
                 raise SystemExit(f"polyformer: --ckpt_path: {error}") from None
 
@@ -107,6 +115,8 @@ class PolyformerCLI(LightningCLI):
         """Loads --ckpt_path's weights into the model before Lightning does, so that a checkpoint of another
         architecture ends in one line naming its missing and unexpected keys and the shapes that differ."""
         ckpt_path = self.subcommand_config().get("ckpt_path")
+        if ckpt_path and is_sharded(ckpt_path):
+            return self.refuse_mismatched_sharding(ckpt_path)
         if not (ckpt_path and Path(ckpt_path).is_file()):
             return
         checkpoint = load_checkpoint(ckpt_path)
@@ -119,8 +129,21 @@ class PolyformerCLI(LightningCLI):
         except CheckpointError as error:
             raise SystemExit(f"polyformer: --ckpt_path: {error}") from None
 
+    def refuse_mismatched_sharding(self, ckpt_path: str) -> None:
+        """A sharded checkpoint resumes under `--trainer.strategy=fsdp` on as many ranks as wrote it (the samples each
+        rank has seen are those of that world size); anything else ends in one line saying how to go on."""
+        ranks, world = sharded_ranks(ckpt_path), self.trainer.world_size
+        if isinstance(self.trainer.strategy, ShardedStrategy) and ranks == world:
+            return
+        found = f"this run has {world} rank(s)" + ("" if isinstance(self.trainer.strategy, ShardedStrategy)
+                                                    else f" under strategy {type(self.trainer.strategy).__name__}")
+        raise SystemExit(f"polyformer: --ckpt_path: {ckpt_path} is a sharded checkpoint written by {ranks} ranks, "
+                         f"{found}: resume with --trainer.strategy=fsdp on {ranks} ranks, or `polyformer consolidate "
+                         f"{ckpt_path} <file.ckpt>` and start from its weights (--model.init_args.init_from)")
+
     def before_run(self) -> None:
         """Checks before the subcommand runs (and, in a multi-process run, before the other ranks start)."""
+        self.model.sharding = self._get(self.config_init, "sharding")
         self.refuse_mismatched_checkpoint()
         share_rank_faults(self.trainer)  # before fit, test, ... start the other ranks
 
@@ -167,7 +190,7 @@ class PolyformerCLI(LightningCLI):
         dirpath = (config.get("checkpoint") or {}).get("dirpath")
         if dirpath:
             where, path = Path(dirpath), Path(dirpath) / "last.ckpt"
-            path = path if path.is_file() else None
+            path = path if path.is_file() or is_sharded(path) else None
         else:
             root, name = self.run_folder(config)
             where, path = root / name, newest_with(root / name, "checkpoints/last.ckpt")
@@ -184,6 +207,8 @@ class PolyformerCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
+        if trainer_config.get("strategy") == "fsdp":  # Lightning's own refuses CPU: FSDP2 on any device instead
+            kwargs["strategy"] = ShardedStrategy()
         if trainer_config.get("logger") in (None, True):
             root, name, version = self.run_location()
             kwargs["logger"] = [CSVLogger(root, name=name, version=version)]
@@ -235,10 +260,34 @@ def export_command(argv: Sequence[str]) -> None:
         print(f"polyformer export: max |eager − exported| = {diff:.3g} over three input shapes ({shapes})")
 
 
+def consolidate_command(argv: Sequence[str]) -> None:
+    """polyformer consolidate <sharded checkpoint folder> <file.ckpt>"""
+    parser = argparse.ArgumentParser(prog="polyformer consolidate", description=(
+        "Gather a sharded run's checkpoint (a folder of every rank's shards) into the single weights-only file that "
+        "polyformer test, export and init_from read (hyper-parameters and fp32 weights, no optimizer state)."))
+    parser.add_argument("checkpoint", help="the sharded checkpoint folder, e.g. version_0/checkpoints/last.ckpt")
+    parser.add_argument("out", help="the weights-only file to write")
+    args = parser.parse_args(list(argv))
+    if not is_sharded(args.checkpoint):
+        raise SystemExit(f"polyformer consolidate: {args.checkpoint}: expected a sharded checkpoint folder (with "
+                         f"torch.distributed.checkpoint's .metadata), found "
+                         f"{'a file' if Path(args.checkpoint).is_file() else 'no such folder'}")
+    try:
+        ranks = sharded_ranks(args.checkpoint)
+        sha256 = save_weights(args.checkpoint, args.out)
+    except CheckpointError as error:
+        raise SystemExit(f"polyformer consolidate: {error}") from None
+    size = Path(args.out).stat().st_size
+    print(f"polyformer consolidate: {args.checkpoint} ({ranks} ranks) → {args.out} ({size / 2**20:.1f} MB, "
+          f"sha256 {sha256})")
+
+
 def main(args: Any = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["export"]:  # not a Lightning subcommand
         return export_command(argv[1:])
+    if argv[:1] == ["consolidate"]:
+        return consolidate_command(argv[1:])
     try:
         PolyformerCLI(args=args)
     except (CheckpointError, NonFiniteError) as error:  # their message says it all: no traceback

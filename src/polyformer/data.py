@@ -12,12 +12,14 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator, Sequence, Sized
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -181,6 +183,8 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader of batches of `batch_size` (shuffled through EpochRandomSampler, so that data order survives a
     resume), or of the batches a `batch_sampler` draws (e.g. speech's duration buckets, which shuffle themselves).
+    It is torchdata's StatefulDataLoader: Lightning keeps its position in every checkpoint, so a run resumed
+    mid-epoch goes on with the epoch's next batch, not its first.
 
     It draws its worker seeds from a generator of its own: creating an iterator must not consume the global RNG,
     which the training base reseeds per epoch (Lightning creates the first epoch's iterator earlier than the others).
@@ -195,12 +199,14 @@ def make_loader(
             raise ValueError(f"batch_size must be at least 1, found {batch_size}")
         batching = {"batch_size": batch_size, "drop_last": drop_last,
                     "sampler": EpochRandomSampler(dataset, seed) if shuffle else None}
-    return DataLoader(
-        dataset,
-        **batching,
-        num_workers=num_workers,
-        collate_fn=collate_fn,
-        persistent_workers=num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
-        generator=torch.Generator().manual_seed(global_seed() if seed is None else seed),
-    )
+    with warnings.catch_warnings():  # torchdata 0.11 calls torch's deprecated set_vital in __init__: nothing to do
+        warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+        return StatefulDataLoader(
+            dataset,
+            **batching,
+            num_workers=num_workers,
+            collate_fn=collate_fn,
+            persistent_workers=num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(global_seed() if seed is None else seed),
+        )

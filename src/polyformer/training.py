@@ -19,6 +19,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -27,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from polyformer.checkpoint import CLASS_PATH, from_plain, load_checkpoint, load_weights, read_pretrained, to_plain
 from polyformer.data import global_seed
 from polyformer.deploy import Exportable
+from polyformer.distributed import ShardedStrategy, ShardingConfig, checkpoint_activations, shard
 from polyformer.finetune import FinetuneConfig, check_architecture, layer_ids, load_matching
 
 
@@ -149,6 +151,20 @@ class PolyformerTask(L.LightningModule):
                              f"(freeze_steps={self.finetune.freeze_steps}, linear_probe={self.finetune.linear_probe})"
                              f" leaves nothing to train; leave a head out (finetune.exclude) or do not freeze")
 
+    # ---- sharding (polyformer.distributed) -----------------------------------------------------------------------
+    block_types: tuple[type[nn.Module], ...] = ()  # a domain's repeated blocks beside the core's TransformerBlock
+    sharding = ShardingConfig()  # `polyformer --sharding.*` sets it on the task it builds
+
+    def configure_model(self) -> None:
+        """Activation checkpointing of the blocks when asked, and under `--trainer.strategy=fsdp` FSDP2 of them."""
+        if getattr(self, "_configured", False):  # fit, then test in the same process: once
+            return
+        self._configured = True
+        if self.sharding.activation_checkpointing:
+            checkpoint_activations(self, self.block_types)
+        if isinstance(self.trainer.strategy, ShardedStrategy):
+            shard(self, self.device_mesh["data_parallel"], self.sharding, self.block_types)
+
     def setup(self, stage: str) -> None:
         # initial weights when fitting only (a resumed run restores its checkpoint after setup, over these), so that
         # evaluating or loading a finished checkpoint (load_from_checkpoint) reads nothing else
@@ -191,6 +207,20 @@ class PolyformerTask(L.LightningModule):
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
+
+    def on_train_start(self) -> None:
+        # A fit resumed mid-epoch goes on from the training loader's saved position (make_loader's loaders keep it
+        # in the checkpoint). Lightning applies it when it first sets up the loader, but configure_optimizers' call
+        # to estimated_stepping_batches sets it up before the checkpoint's loop state is restored: apply it here, to
+        # the epoch's order, and start the loader's iterator again from there (at an epoch's end the next epoch
+        # starts afresh: nothing to apply)
+        loop = self.trainer.fit_loop
+        states, loop._combined_loader_states_to_load = loop._combined_loader_states_to_load, []
+        if states and loop._combined_loader is not None and loop.restarted_mid_epoch:
+            for loader in loop._combined_loader.flattened:
+                _set_sampler_epoch(loader, loop.epoch_progress.current.processed)
+            loop._combined_loader._load_state_dicts(states)
+            iter(loop._data_fetcher)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         for key in ("hyper_parameters", "datamodule_hyper_parameters"):

@@ -1,7 +1,10 @@
 """Test callbacks that inject faults into a `polyformer fit`: a save that stalls inside torch.save (for a SIGKILL
-sent from outside), NaN weights at a chosen step, and an exception on one rank of a multi-process run."""
+sent from outside), NaN weights at a chosen step, an exception on one rank of a multi-process run, and every rank
+killed at a chosen step."""
 
 import math
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -64,3 +67,15 @@ class RaiseOnRank(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
             raise RuntimeError(f"injected fault on rank {self.rank} at step {self.step}")
+
+
+class KillAt(L.Callback):
+    """Every rank SIGKILLs itself as optimizer step `step` begins: a run killed mid-epoch, after the checkpoints of
+    the steps before it were written, with no chance to write another."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch.distributed.tensor import DTensor
 
 
 class SaveRankWeights(L.Callback):
@@ -11,7 +12,9 @@ class SaveRankWeights(L.Callback):
         self.folder = Path(folder)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        state = {name: tensor.detach().cpu() for name, tensor in pl_module.state_dict().items()}
+        # sharded (FSDP2) parameters are DTensors: every rank gathers the whole tensor
+        state = {name: (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu()
+                 for name, tensor in pl_module.state_dict().items()}
         torch.save(state, self.folder / f"rank{trainer.global_rank}.pt")
 
 

@@ -1,0 +1,93 @@
+"""Sharded training: what `--trainer.strategy=fsdp` means in Polyformer, on GPUs and on CPU processes alike.
+
+Lightning 2.6's own `fsdp` strategy (FSDP1) refuses a CPU accelerator; its `ModelParallelStrategy` builds a device
+mesh on any device (NCCL on GPUs, gloo on CPU) and leaves the parallelism to the module's `configure_model`. So
+`fsdp` is routed to `ShardedStrategy` — ModelParallelStrategy with every process in one data-parallel group and no
+tensor parallelism — and `PolyformerTask.configure_model` shards the task with FSDP2 (`torch.distributed.fsdp.
+fully_shard`, Zhao et al. 2023, https://arxiv.org/abs/2304.11277): each repeated block (the core's
+`TransformerBlock`, and the blocks a domain names in its task's `block_types`) is one unit whose parameters,
+gradients and optimizer state live in 1/world_size shards and are gathered for its forward and backward only; the
+task's other submodules (embeddings, heads) form the last units. The same switches act on the same blocks:
+activation checkpointing (recompute a block's activations in the backward pass) and bf16 mixed precision.
+
+Checkpoints of a sharded run are distributed checkpoints (a folder of shards, `torch.distributed.checkpoint`);
+`polyformer consolidate` turns one into the single weights-only file that `test`, `export` and `init_from` read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+
+from polyformer.transformer import TransformerBlock
+
+
+@dataclass
+class ShardingConfig:
+    """How a task's blocks are sharded and recomputed (the `--sharding.*` options of `polyformer`)."""
+
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (any strategy)
+    bf16: bool = False  # FSDP: bf16 parameters and compute, fp32 gradient reduction
+    reshard_after_forward: bool = True  # FSDP: free gathered parameters after each block's forward (ZeRO-3)
+
+
+class ShardedStrategy(ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy as pure data-parallel FSDP2: all processes of all nodes shard one model."""
+
+    strategy_name = "polyformer_fsdp"
+
+    def __init__(self, save_distributed_checkpoint: bool = True, process_group_backend: str | None = None,
+                 timeout: timedelta | None = timedelta(seconds=1800)):
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, timeout=timeout)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes  # every process in the data-parallel group
+        super().setup_environment()
+
+
+def blocks_of(module: nn.Module, block_types: tuple[type[nn.Module], ...]) -> list[nn.Module]:
+    """The module's blocks of `block_types` (and the core's TransformerBlock), outermost first: a block inside
+    another is not a unit of its own."""
+    types = (TransformerBlock, *block_types)
+    found: list[nn.Module] = []
+    inner: set[int] = set()
+    for child in module.modules():
+        if id(child) in inner or child is module or not isinstance(child, types):
+            continue
+        found.append(child)
+        inner |= {id(m) for m in child.modules()}
+    return found
+
+
+def checkpoint_activations(module: nn.Module, block_types: tuple[type[nn.Module], ...]) -> int:
+    """Recomputes each block's activations in the backward pass (torch's composable `checkpoint`); returns the count."""
+    from torch.distributed._composable import checkpoint
+
+    blocks = blocks_of(module, block_types)
+    for block in blocks:
+        checkpoint(block)
+    return len(blocks)
+
+
+def shard(module: nn.Module, mesh, config: ShardingConfig, block_types: tuple[type[nn.Module], ...] = ()) -> int:
+    """FSDP2 over `mesh`: every block a unit, then each remaining top-level submodule with parameters; returns the
+    number of units."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if config.bf16 \
+        else MixedPrecisionPolicy()
+    units = 0
+    for block in blocks_of(module, block_types):
+        fully_shard(block, mesh=mesh, mp_policy=precision, reshard_after_forward=config.reshard_after_forward)
+        units += 1
+    for child in module.children():
+        if any(p.requires_grad for p in child.parameters()):
+            fully_shard(child, mesh=mesh, mp_policy=precision, reshard_after_forward=config.reshard_after_forward)
+            units += 1
+    return units
