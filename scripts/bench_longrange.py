@@ -2,6 +2,7 @@
 
     python scripts/bench_longrange.py [--quick] [--json PATH] [--out DIR] [--reuse] [--jobs 2]
                                       [--tasks text listops pathfinder] [--kernels full local linear] [--peers lstm s4d]
+                                      [--modes scratch spt]
                                       [--minutes text=7 listops=5 pathfinder=5] [--seed 0]
 
 Cells: the three attention kernels (--kernels) on Text, the kernel with the best self-pretrained validation accuracy
@@ -117,6 +118,8 @@ def main() -> None:
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
     parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS,
                         help="the non-attention peers to run beside the kernels (none: --peers alone)")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                        help="from scratch, self-pretrained, or both (the kernel choice needs spt)")
     parser.add_argument("--minutes", nargs="+", default=["text=7", "listops=5", "pathfinder=5"],
                         help="wall minutes per cell, task=minutes")
     parser.add_argument("--jobs", type=int, default=2, help="cells at a time (one torch thread each)")
@@ -140,12 +143,14 @@ def main() -> None:
             generate_data(task)
     results: dict[tuple[str, str, str], dict] = {}
     if "text" in args.tasks:
-        results |= run_cells([("text", model, mode) for model in (*args.kernels, *args.peers) for mode in MODES])
-        kernel = max(args.kernels, key=lambda k: results[("text", k, "spt")]["val"])
+        results |= run_cells([("text", model, mode) for model in (*args.kernels, *args.peers)
+                              for mode in args.modes])
+        kernel = max(args.kernels, key=lambda k: results[("text", k, args.modes[-1])]["val"])
     else:
         kernel = "full"
     rest = [t for t in args.tasks if t != "text"]
-    results |= run_cells([(task, model, mode) for task in rest for model in (kernel, *args.peers) for mode in MODES])
+    results |= run_cells([(task, model, mode) for task in rest for model in (kernel, *args.peers)
+                          for mode in args.modes])
 
     def table(key: str) -> dict:
         """task → model → mode → the cells' `key`."""
@@ -169,7 +174,7 @@ def main() -> None:
         "tokens_per_s": table("tokens_per_s"), "peak_mb": table("peak_mb"), "steps": table("steps"),
         "params": table("params"), "best": best,
         "protocol": {"quick": args.quick, "seed": args.seed, "minutes_per_cell": {t: minutes[t] for t in args.tasks},
-                     "peers": args.peers,
+                     "peers": args.peers, "modes": args.modes,
                      "spt": "half the cell's minutes self-pretraining, half fine-tuning",
                      "kernel_for_listops_pathfinder": kernel,
                      "max_len": {"text": 4096, "listops": 2000, "pathfinder": 1024},

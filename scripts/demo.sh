@@ -90,7 +90,8 @@ run_step speech "Conformer-CTC, committed weights, 3 real utterances" \
 # --- longrange: the committed LRA Text and ListOps models on 3 validation examples each, and the validation split ---
 mkdir -p "$RUNS/longrange"
 long_range() {
-  python scripts/longrange_examples.py --task text --weights weights/longrange/text.ckpt | tee "$RUNS/longrange/text.txt" &&
+  python scripts/longrange_examples.py --task text --weights weights/longrange/text_80min.ckpt \
+    | tee "$RUNS/longrange/text.txt" &&
   python scripts/longrange_examples.py --task listops --weights weights/longrange/listops.ckpt \
     | tee "$RUNS/longrange/listops.txt"
 }

@@ -30,6 +30,7 @@ BYTE_OFFSET = 2  # byte v is token v + 2
 BYTE_VOCAB_SIZE = 256 + BYTE_OFFSET
 PIXEL_VOCAB_SIZE = 256 + BYTE_OFFSET  # intensity v is token v + 2
 CACHE = PROJECT_ROOT / "data" / "longrange"  # generated splits
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
 class SequenceDataset(Dataset):
@@ -128,15 +129,13 @@ class ListOpsDataModule(SequenceDataModule):
         self.max_len = max_len
         self.cache = Path(cache) if cache is not None else CACHE
 
-    def prepare_data(self) -> None:
-        if not all(self.files.values()):
-            listops.generate(self.spec, self.cache)
-
     def setup(self, stage: str) -> None:
-        if self.splits:
-            return
-        generated = listops.generate(self.spec, self.cache) if not all(self.files.values()) else {}
-        for split in ("train", "val", "test"):
+        """Reads (generating what is missing) the splits the stage needs: fit train and val, validate val, test
+        and predict test."""
+        needed = [s for s in STAGE_SPLITS.get(stage, listops.SPLITS) if s not in self.splits]
+        drawn = tuple(split for split in needed if not self.files[split])
+        generated = listops.generate(self.spec, self.cache, splits=drawn) if drawn else {}
+        for split in needed:
             sequences, labels = listops.read_tsv(Path(self.files[split] or generated[split]))
             longer = sum(len(s) > self.max_len for s in sequences)
             if longer:

@@ -125,16 +125,22 @@ def _draw_split(arguments: tuple[int, int, int, int]) -> list[tuple[str, int]]:
     return [draw_example(rng, min_len, max_len) for _ in range(count)]
 
 
-def generate(spec: ListOpsSpec, folder: Path, workers: int = 2) -> dict[str, Path]:
-    """The three splits as LRA-format TSVs in folder/listops-<key>/ (reused when present); returns their paths.
-    Each split is drawn in chunks of 1,000 from seeds derived from the spec's seed, so the files do not depend on
-    `workers`."""
+SPLITS = ("train", "val", "test")
+
+
+def generate(spec: ListOpsSpec, folder: Path, workers: int = 2, splits: tuple[str, ...] = SPLITS) -> dict[str, Path]:
+    """The `splits` as LRA-format TSVs in folder/listops-<key>/ (each reused when present); returns their paths.
+    Each split is drawn in chunks of 1,000 from seeds derived from the spec's seed and the split, so a file depends
+    neither on `workers` nor on which other splits were drawn (evaluating needs no training split)."""
     out = folder / f"listops-{spec.key()}"
-    paths = {split: out / f"basic_{split}.tsv" for split in ("train", "val", "test")}
-    if all(path.is_file() for path in paths.values()):
+    paths = {split: out / f"basic_{split}.tsv" for split in splits}
+    missing = [split for split in splits if not paths[split].is_file()]
+    if not missing:
         return paths
     out.mkdir(parents=True, exist_ok=True)
-    for index, (split, count) in enumerate((("train", spec.train), ("val", spec.val), ("test", spec.test))):
+    counts = {"train": spec.train, "val": spec.val, "test": spec.test}
+    for split in missing:
+        index, count = SPLITS.index(split), counts[split]
         chunks = [(spec.seed * 1_000_003 + index * 10_007 + c, min(1000, count - c * 1000), spec.min_len,
                    spec.max_len) for c in range((count + 999) // 1000)]
         with Pool(workers) as pool:

@@ -138,3 +138,17 @@ def test_collate_and_token_budget_batches(tmp_path):
     batches = list(data.train_dataloader())
     assert sum(len(b["labels"]) for b in batches) == 40  # every example once
     assert all(b["tokens"].numel() <= 200 for b in batches)
+
+
+def test_listops_stage_draws_only_the_splits_it_needs(tmp_path):
+    """Evaluating needs no training split: validate draws val alone, and it is the val split a fit would draw."""
+    spec = ListOpsSpec(train=40, val=6, test=6, min_len=50, max_len=120, seed=5)
+    evaluating = ListOpsDataModule(spec=spec, cache=str(tmp_path / "a"))
+    evaluating.setup("validate")
+    folder = tmp_path / "a" / f"listops-{spec.key()}"
+    assert sorted(p.name for p in folder.glob("*.tsv")) == ["basic_val.tsv"] and list(evaluating.splits) == ["val"]
+    fitting = ListOpsDataModule(spec=spec, cache=str(tmp_path / "b"))
+    fitting.setup("fit")
+    assert sorted(fitting.splits) == ["train", "val"]
+    assert (tmp_path / "b" / f"listops-{spec.key()}" / "basic_val.tsv").read_text() == \
+        (folder / "basic_val.tsv").read_text()
