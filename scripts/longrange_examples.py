@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from polyformer.checkpoint import from_plain, import_class, load_checkpoint, task_class
+from polyformer.checkpoint import from_plain, import_class
 from polyformer.data import PROJECT_ROOT as ROOT
 from polyformer.domains.longrange import listops
 from polyformer.domains.longrange.data import BYTE_OFFSET, SequenceDataModule
-from polyformer.training import eval_mode
+from polyformer.training import eval_mode, load_task
 
 CONFIGS = ROOT / "configs" / "longrange"
 
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, required=True)
     parser.add_argument("--examples", type=int, default=3)
     args = parser.parse_args()
-    model = task_class(load_checkpoint(args.weights), source=str(args.weights)).load_from_checkpoint(args.weights)
+    model = load_task(args.weights)
     data = data_module(args.task)
     data.prepare_data()
     data.setup("validate")

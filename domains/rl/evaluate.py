@@ -21,9 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from polyformer.checkpoint import load_checkpoint, task_class
 from polyformer.domains.rl.model import BehaviourCloning, DecisionTransformer
-from polyformer.training import eval_mode
+from polyformer.training import eval_mode, load_task
 
 # D4RL's reference returns (random policy, expert policy) from d4rl/infos.py (Fu et al. 2020,
 # https://github.com/Farama-Foundation/D4RL/blob/master/d4rl/infos.py, REF_MIN_SCORE / REF_MAX_SCORE).
@@ -243,11 +242,6 @@ def format_rows(name: str, rows: list[dict]) -> str:
         lines.append(f"  {target:>8} | {row['return_mean']:9.1f} ± {row['return_std']:7.1f} | {normalized:>12} | "
                      f"{row['length_mean']:.0f}")
     return "\n".join(lines)
-
-
-def load_task(path: str) -> Callable:
-    """The DT or BC task stored in a checkpoint, of the class `polyformer fit` recorded in it."""
-    return task_class(load_checkpoint(path), source=path).load_from_checkpoint(path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,11 +39,11 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from polyformer.checkpoint import (CheckpointError, import_class, is_sharded, load_checkpoint, load_weights,
-                                   save_weights, sharded_ranks, task_class)
+                                   save_weights, sharded_ranks)
 from polyformer.deploy import ExportError, max_abs_diff
 from polyformer.faults import AtomicCheckpointIO, NonFiniteError, RankFaults, StopOnNonFinite, share_rank_faults
 from polyformer.distributed import ShardedStrategy, ShardingConfig
-from polyformer.training import PolyformerTask, Throughput
+from polyformer.training import PolyformerTask, Throughput, load_task
 
 
 def version_numbers(run_dir: Path) -> list[int]:
@@ -230,8 +230,7 @@ def task_from(configs: Sequence[str], ckpt_path: str) -> PolyformerTask:
         with open(config) as file:
             model = (yaml.safe_load(file) or {}).get("model") or {}
         class_path = model.get("class_path", class_path) if isinstance(model, dict) else class_path
-    cls = import_class(class_path) if class_path else task_class(load_checkpoint(ckpt_path), source=ckpt_path)
-    return cls.load_from_checkpoint(ckpt_path).eval()
+    return (import_class(class_path).load_from_checkpoint(ckpt_path) if class_path else load_task(ckpt_path)).eval()
 
 
 def export_command(argv: Sequence[str]) -> None:

@@ -17,16 +17,12 @@ checks that and names both.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polyformer.checkpoint import load_checkpoint, task_class
-
-if TYPE_CHECKING:
-    from polyformer.training import PolyformerTask
+from polyformer.training import PolyformerTask, load_task
 
 
 @dataclass
@@ -61,8 +57,7 @@ def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature
 
 def load_teacher(source: str, student: PolyformerTask) -> nn.Module:
     """The model of the task stored at `source`, frozen and in eval mode."""
-    checkpoint = load_checkpoint(source)
-    teacher = task_class(checkpoint, type(student)).load_from_checkpoint(source)
+    teacher = load_task(source, default=type(student))
     return teacher.model.eval().requires_grad_(False)
 
 

@@ -25,7 +25,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from polyformer.checkpoint import CLASS_PATH, from_plain, load_checkpoint, load_weights, read_pretrained, to_plain
+from polyformer.checkpoint import (CLASS_PATH, from_plain, load_checkpoint, load_weights, read_pretrained, task_class,
+                                   to_plain)
 from polyformer.data import global_seed
 from polyformer.deploy import Exportable
 from polyformer.distributed import ShardedStrategy, ShardingConfig, checkpoint_activations, shard
@@ -266,7 +267,13 @@ class PolyformerTask(L.LightningModule):
     def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = "cpu", strict: bool = True,
                              **overrides: Any):
         """Rebuilds the task from a checkpoint's hyper-parameters and weights, loading with weights_only=True."""
-        checkpoint = load_checkpoint(checkpoint_path, map_location)
+        return cls.from_checkpoint(load_checkpoint(checkpoint_path, map_location), f"checkpoint {checkpoint_path}",
+                                   map_location, strict, **overrides)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict, source: str, map_location: Any = "cpu", strict: bool = True,
+                        **overrides: Any):
+        """The task of a checkpoint already read (`source` names it in errors)."""
         hparams = dict(checkpoint.get("hyper_parameters", {}))
         hparams.pop("_instantiator", None)
         hparams.pop(CLASS_PATH, None)
@@ -275,8 +282,17 @@ class PolyformerTask(L.LightningModule):
         kwargs = {key: from_plain(hints.get(key), value) for key, value in hparams.items() if key in accepted}
         kwargs.update(overrides)
         task = cls(**kwargs)
-        load_weights(task, checkpoint["state_dict"], strict=strict, source=f"checkpoint {checkpoint_path}")
+        load_weights(task, checkpoint["state_dict"], strict=strict, source=source)
         return task.to(map_location) if map_location is not None else task
+
+
+def load_task(path: str | Path, default: type[PolyformerTask] | None = None,
+              map_location: Any = "cpu") -> PolyformerTask:
+    """The task a checkpoint holds, of the class LightningCLI recorded in it (else `default`), reading the file
+    once."""
+    checkpoint = load_checkpoint(path, map_location)
+    cls = task_class(checkpoint, default, source=str(path))
+    return cls.from_checkpoint(checkpoint, f"checkpoint {path}", map_location)
 
 
 class Throughput(ThroughputMonitor):

@@ -11,7 +11,8 @@ import torch
 
 from polyformer.cli import PolyformerCLI
 from polyformer.domains.rl.cartpole import collect_cartpole
-from polyformer.domains.rl.evaluate import RolloutConfig, d4rl_normalized, load_task
+from polyformer.domains.rl.evaluate import RolloutConfig, d4rl_normalized
+from polyformer.training import load_task
 
 ROOT = Path(__file__).resolve().parents[2]
 
