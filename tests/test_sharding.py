@@ -247,3 +247,16 @@ def test_every_domain_block_is_a_sharding_unit(configs, tmp_path):
     covered = {id(m) for unit in units for m in unit.modules()}
     missing = sorted({type(b).__name__ for b in repeated_blocks(task) if id(b) not in covered})
     assert units and not missing, f"{type(task).__name__}: {missing} are not units (add them to block_types)"
+
+
+def test_a_node_without_a_reachable_master_ends_in_one_line_not_a_hang(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "NODE_RANK": "1"}
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "polyformer.cli", "fit", "-c", str(CONFIG), f"--run.root={tmp_path}",
+                             *EQUAL_WORK, "--trainer.num_nodes=2", "--trainer.devices=1", "--trainer.strategy=ddp",
+                             "--run.master_timeout=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert time.monotonic() - start < 120 and result.returncode != 0
+    assert result.stderr.rstrip().splitlines()[-1].startswith(
+        "polyformer: --trainer.num_nodes=2: node 1 found no master at 127.0.0.1:"), result.stderr[-3000:]
+    assert "within 2 s" in result.stderr and "start node 0 first" in result.stderr

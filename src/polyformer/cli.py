@@ -42,7 +42,7 @@ from polyformer.checkpoint import (CheckpointError, import_class, is_sharded, lo
                                    save_weights, sharded_ranks)
 from polyformer.deploy import ExportError, max_abs_diff
 from polyformer.faults import AtomicCheckpointIO, NonFiniteError, RankFaults, StopOnNonFinite, share_rank_faults
-from polyformer.distributed import ShardedStrategy, ShardingConfig
+from polyformer.distributed import ShardedStrategy, ShardingConfig, wait_for_master
 from polyformer.training import PolyformerTask, Throughput, load_task
 
 
@@ -93,6 +93,8 @@ class PolyformerCLI(LightningCLI):
         parser.add_argument("--run.root", type=str, default="runs", help="folder that holds <domain>/<name>/version_N")
         parser.add_argument("--run.domain", type=str | None, default=None, help="default: the config's folder name")
         parser.add_argument("--run.name", type=str | None, default=None, help="default: the config file's stem")
+        parser.add_argument("--run.master_timeout", type=float, default=300.0,
+                            help="seconds a node other than node 0 waits for the master of a multi-node run")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.add_class_arguments(ShardingConfig, "sharding", help="activation checkpointing and FSDP options")
@@ -145,7 +147,12 @@ class PolyformerCLI(LightningCLI):
         """Checks before the subcommand runs (and, in a multi-process run, before the other ranks start)."""
         self.model.sharding = self._get(self.config_init, "sharding")
         self.refuse_mismatched_checkpoint()
-        share_rank_faults(self.trainer)  # before fit, test, ... start the other ranks
+        trainer = self.trainer
+        if trainer.num_nodes > 1 and trainer.node_rank > 0:  # not a 30-minute hang when node 0 is not there
+            environment = trainer.strategy.cluster_environment
+            wait_for_master(environment.main_address, environment.main_port, trainer.node_rank, trainer.num_nodes,
+                            self.subcommand_config()["run"]["master_timeout"])
+        share_rank_faults(trainer)  # before fit, test, ... start the other ranks
 
     # LightningCLI calls before_<subcommand> between building the classes and running the subcommand
     before_fit = before_validate = before_test = before_predict = before_run

@@ -16,6 +16,8 @@ Checkpoints of a sharded run are distributed checkpoints (a folder of shards, `t
 
 from __future__ import annotations
 
+import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -91,3 +93,21 @@ def shard(module: nn.Module, mesh, config: ShardingConfig, block_types: tuple[ty
             fully_shard(child, mesh=mesh, mp_policy=precision, reshard_after_forward=config.reshard_after_forward)
             units += 1
     return units
+
+
+def wait_for_master(address: str, port: int, node_rank: int, num_nodes: int, timeout_s: float) -> None:
+    """On a node other than node 0, waits up to `timeout_s` for the master's port to accept a connection, and ends
+    the run with one line saying what to check if it never does (the process group's own wait is 30 minutes)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((address, port), timeout=min(5.0, max(timeout_s, 0.1))):
+                return
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                raise SystemExit(
+                    f"polyformer: --trainer.num_nodes={num_nodes}: node {node_rank} found no master at "
+                    f"{address}:{port} within {timeout_s:g} s ({error.strerror or error}): start node 0 first, check "
+                    f"MASTER_ADDR / MASTER_PORT (or the launcher's) and that the port is open between the machines; "
+                    f"--run.master_timeout sets the wait") from None
+            time.sleep(0.5)
