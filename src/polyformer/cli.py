@@ -98,6 +98,7 @@ class PolyformerCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.add_class_arguments(ShardingConfig, "sharding", help="activation checkpointing and FSDP options")
+        parser.add_argument("--compile", type=bool, default=False, help="torch.compile each of the model's blocks")
 
     def subcommand_config(self):
         """The parsed config of the running subcommand (fit, test, ...), or the whole config without one."""
@@ -146,6 +147,7 @@ class PolyformerCLI(LightningCLI):
     def before_run(self) -> None:
         """Checks before the subcommand runs (and, in a multi-process run, before the other ranks start)."""
         self.model.sharding = self._get(self.config_init, "sharding")
+        self.model.compiling = self.subcommand_config()["compile"]
         self.refuse_mismatched_checkpoint()
         trainer = self.trainer
         if trainer.num_nodes > 1 and trainer.node_rank > 0:  # not a 30-minute hang when node 0 is not there

@@ -1,4 +1,5 @@
-"""Sharded training: what `--trainer.strategy=fsdp` means in Polyformer, on GPUs and on CPU processes alike.
+"""Sharded training: what `--trainer.strategy=fsdp` means in Polyformer, on GPUs and on CPU processes alike; and the
+other switches that act on a task's repeated blocks (activation checkpointing, `--compile`).
 
 Lightning 2.6's own `fsdp` strategy (FSDP1) refuses a CPU accelerator; its `ModelParallelStrategy` builds a device
 mesh on any device (NCCL on GPUs, gloo on CPU) and leaves the parallelism to the module's `configure_model`. So
@@ -8,7 +9,8 @@ fully_shard`, Zhao et al. 2023, https://arxiv.org/abs/2304.11277): each repeated
 `TransformerBlock`, and the blocks a domain names in its task's `block_types`) is one unit whose parameters,
 gradients and optimizer state live in 1/world_size shards and are gathered for its forward and backward only; the
 task's other submodules (embeddings, heads) form the last units. The same switches act on the same blocks:
-activation checkpointing (recompute a block's activations in the backward pass) and bf16 mixed precision.
+activation checkpointing (recompute a block's activations in the backward pass), bf16 mixed precision, and
+`--compile` (torch.compile of each block, in that order: checkpointing, compilation, sharding, as torchtitan does).
 
 Checkpoints of a sharded run are distributed checkpoints (a folder of shards, `torch.distributed.checkpoint`);
 `polyformer consolidate` turns one into the single weights-only file that `test`, `export` and `init_from` read.
@@ -74,6 +76,15 @@ def checkpoint_activations(module: nn.Module, block_types: tuple[type[nn.Module]
     blocks = blocks_of(module, block_types)
     for block in blocks:
         checkpoint(block)
+    return len(blocks)
+
+
+def compile_blocks(module: nn.Module, block_types: tuple[type[nn.Module], ...]) -> int:
+    """torch.compile of each block in place (one compiled graph per block class and shape, reused by every block of
+    the class); returns the count."""
+    blocks = blocks_of(module, block_types)
+    for block in blocks:
+        block.compile()
     return len(blocks)
 
 

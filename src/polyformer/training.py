@@ -29,7 +29,7 @@ from polyformer.checkpoint import (CLASS_PATH, from_plain, load_checkpoint, load
                                    to_plain)
 from polyformer.data import global_seed
 from polyformer.deploy import Exportable
-from polyformer.distributed import ShardedStrategy, ShardingConfig, checkpoint_activations, shard
+from polyformer.distributed import ShardedStrategy, ShardingConfig, checkpoint_activations, compile_blocks, shard
 from polyformer.finetune import FinetuneConfig, check_architecture, layer_ids, load_matching
 
 
@@ -155,14 +155,18 @@ class PolyformerTask(L.LightningModule):
     # ---- sharding (polyformer.distributed) -----------------------------------------------------------------------
     block_types: tuple[type[nn.Module], ...] = ()  # a domain's repeated blocks beside the core's TransformerBlock
     sharding = ShardingConfig()  # `polyformer --sharding.*` sets it on the task it builds
+    compiling = False  # `polyformer --compile true`: torch.compile of each block
 
     def configure_model(self) -> None:
-        """Activation checkpointing of the blocks when asked, and under `--trainer.strategy=fsdp` FSDP2 of them."""
+        """Activation checkpointing and compilation of the blocks when asked, and under `--trainer.strategy=fsdp`
+        FSDP2 of them."""
         if getattr(self, "_configured", False):  # fit, then test in the same process: once
             return
         self._configured = True
         if self.sharding.activation_checkpointing:
             checkpoint_activations(self, self.block_types)
+        if self.compiling:
+            compile_blocks(self, self.block_types)
         if isinstance(self.trainer.strategy, ShardedStrategy):
             shard(self, self.device_mesh["data_parallel"], self.sharding, self.block_types)
 
