@@ -2,15 +2,18 @@
 §3.4): are the two dots joined by one dashed path? Read as a sequence of 1,024 pixel intensities.
 
 The generator, written from the paper's description: every image holds `paths` curved dashed contours of
-`contour_length` dashes (each `dash` pixels long, `gap` apart), whose heading turns by at most `max_turn` degrees
-from one dash to the next (each dash tries a few turns that keep it inside and clear); contours keep a pixel's distance from each other and the border. Two dots (discs) mark
-contour ends: a positive image marks both ends of one contour, a negative one an end of each of two. Both labels
-draw the same contours, so only the dots' placement tells them apart. Difficulty is the contour length.
+`contour_length` dashes (each `dash` pixels long, `gap` apart), whose heading turns by at most `max_turn` degrees from
+one dash to the next (each dash tries a few turns that keep it inside and clear); contours keep a pixel's distance
+from each other and the border. Two dots (discs) mark contour ends: a positive image marks both ends of one contour, a
+negative one an end of each of two. Both labels draw the same contours, so only the dots' placement tells them apart.
+Difficulty is the contour length.
 
 Departures: dashes are rasterised as 1-pixel lines without anti-aliasing (the original renders at a higher
 resolution and downsamples); LRA's hard setting draws 14 finer paddles per contour, where at 32 pixels and this
 rasterisation 10 dashes of 1.5 pixels (25 pixels of contour, 3 contours) are what fits without crossings — longer
 contours fail to fit in most draws. Splits are cached as uint8 arrays (N 32 32) with labels, seeded like ListOps.
+
+    python -m polyformer.domains.longrange.pathfinder --samples domains/longrange/pathfinder_samples.png
 """
 
 from __future__ import annotations
@@ -166,3 +169,34 @@ def read_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: expected one 0/1 label per image, found {len(labels)} labels for {len(images)} "
                          f"images with values {np.unique(labels)[:5]}")
     return images, labels
+
+
+def save_samples(path: Path, per_label: int = 4, seed: int = 0) -> None:
+    """A picture of `per_label` generated images of each label (the default spec), connected on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng, spec = np.random.default_rng(seed), PathfinderSpec()
+    figure, axes = plt.subplots(2, per_label, figsize=(1.6 * per_label, 3.6))
+    for row, connected in enumerate((True, False)):
+        for axis in axes[row]:
+            axis.imshow(draw_image(rng, spec, connected), cmap="gray", vmin=0, vmax=INK)
+            axis.set_xticks([])
+            axis.set_yticks([])
+        axes[row][0].set_ylabel("connected" if connected else "not connected")
+    figure.suptitle(f"Pathfinder-32: {spec.paths} contours of {spec.contour_length} dashes, seed {seed}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Pathfinder-32 generator: a picture of samples of both labels")
+    parser.add_argument("--samples", type=Path, required=True, help="the PNG to write")
+    parser.add_argument("--seed", type=int, default=0)
+    arguments = parser.parse_args()
+    save_samples(arguments.samples, seed=arguments.seed)
