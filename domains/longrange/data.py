@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from polyformer.data import PROJECT_ROOT, LengthBatchSampler, make_loader, shared_data_dir
+from polyformer.streaming import StreamConfig, StreamSource, open_stream, stream_loader
 from polyformer.domains.longrange import listops, pathfinder
 
 PAD, MASK = 0, 1
@@ -46,6 +47,15 @@ class SequenceDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         return torch.as_tensor(np.asarray(self.sequences[index], dtype=np.int64)), int(self.labels[index])
+
+
+def encode_example(example: tuple[Sequence[int], int]) -> dict:
+    """A stream's record of one (tokens, label) example: every task's tokens fit int16."""
+    return {"tokens": np.asarray(example[0], dtype=np.int16), "label": int(example[1])}
+
+
+def decode_example(record: dict) -> tuple[Tensor, int]:
+    return torch.as_tensor(record["tokens"].astype(np.int64)), int(record["label"])
 
 
 def collate(examples: list[tuple[Tensor, int]]) -> dict[str, Tensor]:
@@ -75,21 +85,45 @@ class LoaderConfig:
 
 
 class SequenceDataModule(L.LightningDataModule):
-    """Train / val / test SequenceDatasets behind the core's seeded loaders; subclasses fill `self.splits`."""
+    """Train / val / test SequenceDatasets behind the core's seeded loaders; subclasses fill `self.splits` in
+    `read(stage)`. With `stream` set, the splits are read from the litdata chunks `polyformer stream` wrote of them
+    instead (fixed batches of `stream.batch_size`, default `loader.batch_size`)."""
 
     vocab_size: int
     num_classes: int
     max_len: int
+    stream_name: str  # the data set's name in a stream's manifest
 
-    def __init__(self, loader: LoaderConfig | None):
+    def __init__(self, loader: LoaderConfig | None, stream: StreamConfig | None = None):
         super().__init__()
         self.loader = loader if loader is not None else LoaderConfig()
-        self.splits: dict[str, SequenceDataset] = {}
+        self.stream = stream
+        self.splits: dict[str, Dataset] = {}
+
+    def read(self, stage: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement read(stage)")
+
+    def setup(self, stage: str) -> None:
+        if self.stream is None:
+            return self.read(stage)
+        for split in STAGE_SPLITS.get(stage, ("train", "val", "test")):
+            if split not in self.splits:
+                self.splits[split] = open_stream(self.stream, split, self.stream_name, decode_example,
+                                                 shuffle=split == "train")
+
+    def stream_source(self, split: str) -> StreamSource:
+        """The split's examples as `polyformer stream` writes them (after `read`)."""
+        data = self.splits[split]
+        return StreamSource(self.stream_name, list(zip(data.sequences, data.labels)), encode_example,
+                            {"vocab_size": self.vocab_size, "num_classes": self.num_classes})
 
     def _loader(self, split: str, train: bool):
         if split not in self.splits:
             raise ValueError(f"{type(self).__name__} has no split {split!r} (it has {sorted(self.splits)})")
         c, data = self.loader, self.splits[split]
+        if self.stream is not None:
+            batch_size = self.stream.batch_size or (c.batch_size if train else c.eval_batch_size or c.batch_size)
+            return stream_loader(data, batch_size=batch_size, collate_fn=collate, num_workers=c.num_workers)
         if c.max_tokens is not None:
             lengths = [len(sequence) for sequence in data.sequences]
             sampler = LengthBatchSampler(lengths, max(c.max_tokens, max(lengths)), num_buckets=c.num_buckets,
@@ -119,17 +153,18 @@ class ListOpsDataModule(SequenceDataModule):
 
     vocab_size = listops.VOCAB_SIZE
     num_classes = listops.NUM_CLASSES
+    stream_name = "longrange.listops"
 
     def __init__(self, spec: listops.ListOpsSpec | None = None, train_file: str | None = None,
                  val_file: str | None = None, test_file: str | None = None, max_len: int = 2000,
-                 cache: str | None = None, loader: LoaderConfig | None = None):
-        super().__init__(loader)
+                 cache: str | None = None, loader: LoaderConfig | None = None, stream: StreamConfig | None = None):
+        super().__init__(loader, stream)
         self.spec = spec if spec is not None else listops.ListOpsSpec()
         self.files = {"train": train_file, "val": val_file, "test": test_file}
         self.max_len = max_len
         self.cache = Path(cache) if cache is not None else CACHE
 
-    def setup(self, stage: str) -> None:
+    def read(self, stage: str) -> None:
         """Reads (generating what is missing) the splits the stage needs: fit train and val, validate val, test
         and predict test."""
         needed = [s for s in STAGE_SPLITS.get(stage, listops.SPLITS) if s not in self.splits]
@@ -174,17 +209,19 @@ class TextDataModule(SequenceDataModule):
 
     vocab_size = BYTE_VOCAB_SIZE
     num_classes = 2
+    stream_name = "longrange.text"
 
     def __init__(self, root: str | None = None, train_split: str = "train", test_split: str | None = None,
                  val_size: int = 2500, heldout_size: int = 2500, max_len: int = 4096, seed: int = 0,
-                 train_size: int | None = None, loader: LoaderConfig | None = None):
-        super().__init__(loader)
+                 train_size: int | None = None, loader: LoaderConfig | None = None,
+                 stream: StreamConfig | None = None):
+        super().__init__(loader, stream)
         self.root = Path(root) if root is not None else shared_data_dir() / "text" / "aclImdb"
         self.train_split, self.test_split = train_split, test_split
         self.val_size, self.heldout_size = val_size, heldout_size
         self.max_len, self.seed, self.train_size = max_len, seed, train_size
 
-    def setup(self, stage: str) -> None:
+    def read(self, stage: str) -> None:
         if self.splits:
             return
         sequences, labels, invalid = read_reviews(self.root / self.train_split, self.max_len)
@@ -216,19 +253,20 @@ class PathfinderDataModule(SequenceDataModule):
     vocab_size = PIXEL_VOCAB_SIZE
     num_classes = 2
     max_len = pathfinder.SIZE * pathfinder.SIZE
+    stream_name = "longrange.pathfinder"
 
     def __init__(self, spec: pathfinder.PathfinderSpec | None = None, folder: str | None = None,
-                 cache: str | None = None, loader: LoaderConfig | None = None):
-        super().__init__(loader)
+                 cache: str | None = None, loader: LoaderConfig | None = None, stream: StreamConfig | None = None):
+        super().__init__(loader, stream)
         self.spec = spec if spec is not None else pathfinder.PathfinderSpec()
         self.folder = Path(folder) if folder is not None else None
         self.cache = Path(cache) if cache is not None else CACHE
 
     def prepare_data(self) -> None:
-        if self.folder is None:
+        if self.folder is None and self.stream is None:
             pathfinder.generate(self.spec, self.cache)
 
-    def setup(self, stage: str) -> None:
+    def read(self, stage: str) -> None:
         if self.splits:
             return
         paths = pathfinder.generate(self.spec, self.cache) if self.folder is None else \

@@ -3,6 +3,7 @@
     polyformer fit -c configs/<domain>/<name>.yaml [--trainer.devices=2 --trainer.strategy=ddp] [--ckpt_path last]
     polyformer export -c configs/<domain>/<name>.yaml --ckpt_path <ckpt> --format onnx|pt2 --out <path>
     polyformer consolidate <sharded checkpoint folder> <file.ckpt>
+    polyformer stream -c configs/<domain>/<name>.yaml --out <folder> [--splits train val test]
 
 Every command opens a new runs/<domain>/<name>/version_N/ (metrics.csv, TensorBoard events, config.yaml,
 checkpoints/ with last.ckpt); <domain>/<name> come from the (first) config file's path unless --run.domain /
@@ -18,6 +19,10 @@ with one line naming the file and what is wrong; in a multi-process run, a rank 
 Sharding (distributed.py): `--trainer.strategy=fsdp` shards the task with FSDP2 on GPUs and CPU processes alike and
 writes sharded checkpoints (folders), which `--ckpt_path` resumes on the same number of ranks and `polyformer
 consolidate` turns into one weights-only file.
+
+Streaming (streaming.py): `polyformer stream` writes the splits of a config's data module as litdata chunks, one
+folder per split; `--data.init_args.stream.uri=<folder or s3://...>` then trains on them through litdata's
+StreamingDataset.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from polyformer.checkpoint import (CheckpointError, import_class, is_sharded, lo
 from polyformer.deploy import ExportError, max_abs_diff
 from polyformer.faults import AtomicCheckpointIO, NonFiniteError, RankFaults, StopOnNonFinite, share_rank_faults
 from polyformer.distributed import ShardedStrategy, ShardingConfig, wait_for_master
+from polyformer.streaming import SPLITS, StreamError, split_uri, write_stream
 from polyformer.training import PolyformerTask, Throughput, load_task
 
 
@@ -290,15 +296,47 @@ def consolidate_command(argv: Sequence[str]) -> None:
           f"sha256 {sha256})")
 
 
+def stream_command(argv: Sequence[str]) -> None:
+    """polyformer stream -c <config> [--data.init_args.<option>=...] --out <folder> [--splits ...]"""
+    parser = argparse.ArgumentParser(prog="polyformer stream", description=(
+        "Write the splits of a config's data module (LibriSpeech, image folders, VOC / COCO detection, the long-range "
+        "tasks) as litdata's optimized chunks, <out>/<split>, which the same data module streams with "
+        "--data.init_args.stream.uri=<out> (a local folder or an object-store copy of it). Other options "
+        "(e.g. --data.init_args.root=...) configure the data module as they do for fit."))
+    parser.add_argument("--out", required=True, help="the stream's folder (one sub-folder per split is written)")
+    parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
+    parser.add_argument("--chunk-bytes", default="64MB", help="litdata's chunk size, e.g. 64MB")
+    parser.add_argument("--workers", type=int, default=1, help="litdata.optimize's worker processes")
+    args, rest = parser.parse_known_args(list(argv))
+    cli = PolyformerCLI(args=rest, run=False)
+    data = cli.datamodule
+    if not hasattr(data, "stream_source"):
+        raise SystemExit(f"polyformer stream: {type(data).__name__} cannot be written as a stream (expected a data "
+                         f"module with stream_source(split): LibriSpeech, image folders, VOC / COCO detection, the "
+                         f"long-range tasks)")
+    stages = {"train": "fit", "val": "validate", "test": "test"}
+    for split in args.splits:
+        data.setup(stages[split])
+        try:
+            manifest = write_stream(data.stream_source(split), split_uri(args.out, split), split=split,
+                                    chunk_bytes=args.chunk_bytes, num_workers=args.workers)
+        except StreamError as error:
+            raise SystemExit(f"polyformer stream: {error}") from None
+        print(f"polyformer stream: {manifest['dataset']} {split}: {manifest['samples']} samples → "
+              f"{split_uri(args.out, split)} ({manifest['seconds']:.1f} s)")
+
+
 def main(args: Any = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["export"]:  # not a Lightning subcommand
         return export_command(argv[1:])
     if argv[:1] == ["consolidate"]:
         return consolidate_command(argv[1:])
+    if argv[:1] == ["stream"]:
+        return stream_command(argv[1:])
     try:
         PolyformerCLI(args=args)
-    except (CheckpointError, NonFiniteError) as error:  # their message says it all: no traceback
+    except (CheckpointError, NonFiniteError, StreamError) as error:  # their message says it all: no traceback
         raise SystemExit(f"polyformer: {error}") from None
 
 
