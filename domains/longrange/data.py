@@ -111,11 +111,11 @@ class SequenceDataModule(L.LightningDataModule):
                 self.splits[split] = open_stream(self.stream, split, self.stream_name, decode_example,
                                                  shuffle=split == "train")
 
-    def stream_source(self, split: str) -> StreamSource:
-        """The split's examples as `polyformer stream` writes them (after `read`)."""
+    def stream_sources(self, split: str) -> dict[str, StreamSource]:
+        """The split's examples as `polyformer stream` writes them (after `read`), in the folder <split>."""
         data = self.splits[split]
-        return StreamSource(self.stream_name, list(zip(data.sequences, data.labels)), encode_example,
-                            {"vocab_size": self.vocab_size, "num_classes": self.num_classes})
+        return {split: StreamSource(self.stream_name, list(zip(data.sequences, data.labels)), encode_example,
+                                    {"vocab_size": self.vocab_size, "num_classes": self.num_classes})}
 
     def _loader(self, split: str, train: bool):
         if split not in self.splits:

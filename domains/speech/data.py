@@ -12,6 +12,7 @@ file (and line), unless `skip_bad` is set, in which case each is logged and coun
 
 from __future__ import annotations
 
+import io
 import logging
 import random
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from polyformer.data import LengthBatchSampler, fetch_and_extract, make_loader, shared_data_dir
+from polyformer.streaming import StreamConfig, StreamSource, open_stream, stream_loader
 from polyformer.domains.speech.tokens import CharTokenizer
 
 log = logging.getLogger(__name__)
@@ -165,10 +167,22 @@ def read_audio_folder(folder: Path, *, sample_rate: int = 16_000, skip_bad: bool
     return utterances
 
 
+def decode_waveform(audio, name: str, sample_rate: int, speed_factors: list[float] | None) -> Tensor:
+    """float32 waveform (s,) of a FLAC / WAV file or its bytes; with `speed_factors`, played at a factor drawn from
+    them (Ko et al. 2015's speed perturbation: tempo and pitch together, through torchaudio's resampling)."""
+    data, rate = sf.read(audio, dtype="float32", always_2d=False)
+    if rate != sample_rate:
+        raise BadAudio(f"{name}: expected {sample_rate} Hz audio, found {rate} Hz")
+    waveform = torch.from_numpy(data)
+    factor = random.choice(speed_factors) if speed_factors else 1.0
+    if factor != 1.0:
+        waveform = torchaudio.functional.speed(waveform[None], sample_rate, factor)[0][0]
+    return waveform
+
+
 class SpeechDataset(Dataset):
-    """Decodes one utterance with soundfile: (float32 waveform (s,), transcript, id). With `speed_factors`, each
-    decoding plays the audio at a factor drawn from them (Ko et al. 2015's speed perturbation: tempo and pitch
-    together, through torchaudio's resampling)."""
+    """Decodes one utterance with soundfile: (float32 waveform (s,), transcript, id), speed-perturbed when
+    `speed_factors` are given (decode_waveform)."""
 
     def __init__(self, utterances: list[Utterance], sample_rate: int = 16_000, skip_bad: bool = False,
                  speed_factors: list[float] | None = None):
@@ -182,7 +196,7 @@ class SpeechDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, str, str] | None:
         utterance = self.utterances[index]
         try:
-            audio, rate = sf.read(str(utterance.path), dtype="float32", always_2d=False)
+            waveform = decode_waveform(str(utterance.path), str(utterance.path), self.sample_rate, self.speed_factors)
         except (RuntimeError, sf.LibsndfileError) as error:
             if not self.skip_bad:
                 raise BadAudio(f"{utterance.path}: cannot decode ({error})") from None
@@ -190,13 +204,29 @@ class SpeechDataset(Dataset):
             log.warning("skipping undecodable utterance (%d in this worker): %s: %s", self.skipped, utterance.path,
                         error)
             return None
-        if rate != self.sample_rate:
-            raise BadAudio(f"{utterance.path}: expected {self.sample_rate} Hz audio, found {rate} Hz")
-        waveform = torch.from_numpy(audio)
-        factor = random.choice(self.speed_factors) if self.speed_factors else 1.0
-        if factor != 1.0:
-            waveform = torchaudio.functional.speed(waveform[None], self.sample_rate, factor)[0][0]
         return waveform, utterance.transcript, utterance.id
+
+
+STREAM_NAME = "speech.librispeech"
+
+
+def encode_utterance(utterance: Utterance) -> dict:
+    """A stream's record of one utterance: its FLAC / WAV file's bytes as they are, transcript, id, seconds."""
+    return {"id": utterance.id, "transcript": utterance.transcript, "duration": utterance.duration,
+            "audio": utterance.path.read_bytes()}
+
+
+@dataclass
+class StreamedUtterance:
+    """A stream record → (waveform, transcript, id), as SpeechDataset gives them."""
+
+    sample_rate: int = 16_000
+    speed_factors: list[float] | None = None
+
+    def __call__(self, record: dict) -> tuple[Tensor, str, str]:
+        audio = io.BytesIO(bytes(record["audio"]))
+        return decode_waveform(audio, record["id"], self.sample_rate, self.speed_factors), record["transcript"], \
+            record["id"]
 
 
 def collate(items: list[tuple[Tensor, str, str] | None]) -> dict:
@@ -233,6 +263,7 @@ class LibriSpeechDataModule(L.LightningDataModule):
         seed: int | None = None,  # batch order seed; default: the run's seed_everything
         audio_folders: list[str] | None = None,  # more training audio, without transcripts (self-supervised only)
         speed_factors: list[float] | None = None,  # training speed perturbation, e.g. [0.9, 1.0, 1.1]
+        stream: StreamConfig | None = None,  # read the splits `polyformer stream` wrote (batches of stream.batch_size)
     ):
         super().__init__()
         if speed_factors is not None and (not speed_factors or min(speed_factors) <= 0):
@@ -255,6 +286,10 @@ class LibriSpeechDataModule(L.LightningDataModule):
         self.mirror, self.checksums = mirror, checksums or {}
         self.audio_folders = [Path(folder) for folder in audio_folders or []]
         self.speed_factors = speed_factors
+        if stream is not None and stream.batch_size is None:
+            raise ValueError("stream.batch_size: expected the utterances per batch of a streamed corpus (its batches "
+                             "cannot be packed by seconds without every duration up front), found None")
+        self.stream = stream
         self.splits: dict[str, list[Utterance]] = {}
         self.train_set: list[Utterance] | None = None
 
@@ -287,6 +322,8 @@ class LibriSpeechDataModule(L.LightningDataModule):
         return kept
 
     def setup(self, stage: str | None = None) -> None:
+        if self.stream is not None:
+            return self.setup_stream(stage)
         if stage in (None, "fit"):
             self.train_utterances()
         if stage in (None, "fit", "validate"):
@@ -294,22 +331,52 @@ class LibriSpeechDataModule(L.LightningDataModule):
         if stage in (None, "test", "predict"):
             self.test_sets = [self.utterances(split) for split in self.test_splits]
 
+    def setup_stream(self, stage: str | None) -> None:
+        """The splits from the stream's folders: train, val, and test/<split> for each of `test_splits`."""
+        decode = StreamedUtterance(self.sample_rate)
+        if stage in (None, "fit"):
+            self.train_set = open_stream(self.stream, "train", STREAM_NAME,
+                                         StreamedUtterance(self.sample_rate, self.speed_factors), shuffle=True)
+        if stage in (None, "fit", "validate"):
+            self.val_set = open_stream(self.stream, "val", STREAM_NAME, decode, shuffle=False)
+        if stage in (None, "test", "predict"):
+            self.test_sets = [open_stream(self.stream, f"test/{split}", STREAM_NAME, decode, shuffle=False)
+                              for split in self.test_splits]
+
+    def stream_sources(self, split: str) -> dict[str, StreamSource]:
+        """What `polyformer stream` writes: the training utterances (max_duration applied), the validation splits
+        together, each test split in test/<split>."""
+        if split == "train":
+            return {"train": StreamSource(STREAM_NAME, self.train_utterances(), encode_utterance)}
+        if split == "val":
+            return {"val": StreamSource(STREAM_NAME, self.val_set, encode_utterance)}
+        return {f"test/{name}": StreamSource(STREAM_NAME, utterances, encode_utterance)
+                for name, utterances in zip(self.test_splits, self.test_sets)}
+
     def transcripts(self) -> list[str]:
         """Training transcripts (for a SentencePiece model)."""
+        if self.stream is not None:
+            raw = open_stream(self.stream, "train", STREAM_NAME, None, shuffle=False)
+            return [raw[i]["transcript"] for i in range(len(raw))]
         return [u.transcript for u in self.train_utterances()]
 
     def stats_waveforms(self) -> Iterator[Tensor]:
         """Waveforms of a seeded random subset of training utterances, for the normalisation statistics."""
-        train = self.train_utterances()
+        if self.stream is not None:
+            train = open_stream(self.stream, "train", STREAM_NAME, StreamedUtterance(self.sample_rate), shuffle=False)
+        else:
+            train = SpeechDataset(self.train_utterances(), self.sample_rate, self.skip_bad)
         chosen = random.Random(0).sample(range(len(train)), min(self.stats_utterances, len(train)))
-        dataset = SpeechDataset(train, self.sample_rate, self.skip_bad)
         for i in sorted(chosen):
-            item = dataset[i]
+            item = train[i]
             if item is not None:
                 yield item[0]
 
     def _loader(self, utterances: list[Utterance], max_seconds: float, shuffle: bool,
                 speed_factors: list[float] | None = None) -> DataLoader:
+        if self.stream is not None:  # a StreamingDataset, decoding (and speed-perturbing) itself
+            return stream_loader(utterances, batch_size=self.stream.batch_size, collate_fn=collate,
+                                 num_workers=self.num_workers)
         # batches are packed on the slowest factor's durations, so that perturbed audio stays under the cap
         stretch = 1.0 / min(speed_factors) if speed_factors else 1.0
         durations = [u.duration * stretch for u in utterances]

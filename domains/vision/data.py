@@ -7,6 +7,7 @@ targets (b k) after the batch reaches the device.
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from polyformer.data import fetch_and_extract, make_loader, shared_data_dir
+from polyformer.streaming import StreamConfig, StreamSource, open_stream, stream_loader
 
 log = logging.getLogger(__name__)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -57,10 +59,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
     img_size: int
 
     def __init__(self, *, batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
-                 mixup: MixupConfig | None = None):
+                 mixup: MixupConfig | None = None, stream: StreamConfig | None = None):
         super().__init__()
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.num_workers, self.mixup_config = num_workers, mixup
+        self.num_workers, self.mixup_config, self.stream = num_workers, mixup, stream
         self.mixup = None
         self.splits: dict[str, Dataset] | None = None
 
@@ -78,18 +80,23 @@ class ImageClassificationDataModule(L.LightningDataModule):
                                switch_prob=m.switch_prob, label_smoothing=m.label_smoothing,
                                num_classes=self.num_classes)
 
-    def train_dataloader(self):
+    def loader(self, split: str, train: bool):
+        batch_size = self.batch_size if train else self.eval_batch_size
+        if self.stream is not None:  # a StreamingDataset (shuffled per epoch if it is the training split)
+            return stream_loader(self.splits[split], batch_size=self.stream.batch_size or batch_size,
+                                 num_workers=self.num_workers, drop_last=True if train and self.mixup is not None else None)
         # Mixup pairs each sample with its mirror in the batch, so it needs even, full batches
-        return make_loader(self.splits["train"], batch_size=self.batch_size, shuffle=True,
-                           num_workers=self.num_workers, drop_last=self.mixup is not None)
+        return make_loader(self.splits[split], batch_size=batch_size, shuffle=train, num_workers=self.num_workers,
+                           drop_last=train and self.mixup is not None)
+
+    def train_dataloader(self):
+        return self.loader("train", True)
 
     def val_dataloader(self):
-        return make_loader(self.splits["val"], batch_size=self.eval_batch_size, shuffle=False,
-                           num_workers=self.num_workers)
+        return self.loader("val", False)
 
     def test_dataloader(self):
-        return make_loader(self.splits["test"], batch_size=self.eval_batch_size, shuffle=False,
-                           num_workers=self.num_workers)
+        return self.loader("test", False)
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         if self.mixup is not None and self.trainer is not None and self.trainer.training:
@@ -224,14 +231,33 @@ class CIFARDataModule(ImageClassificationDataModule):
                 "test": self._dataset(False, eval_tf)}
 
 
-def load_rgb(path: str) -> Image.Image:
-    """PIL loader for ImageFolder whose error names the file that could not be read."""
+def load_rgb(path: str, data: bytes | None = None) -> Image.Image:
+    """PIL loader for ImageFolder (of the file, or of its bytes `data` when given) whose error names the file."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path if data is None else io.BytesIO(data)) as image:
             return image.convert("RGB")
     # PIL's UnidentifiedImageError is an OSError; a header declaring a huge image raises DecompressionBombError
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read image file {path}: {error}") from error
+
+
+IMAGE_FOLDER_STREAM = "vision.image_folder"
+
+
+def encode_image_file(item: tuple[str, int]) -> dict:
+    """A stream's record of one (path, label) of an ImageFolder: the file's bytes as they are (JPEG stays JPEG)."""
+    path, label = item
+    return {"name": str(path), "image": Path(path).read_bytes(), "label": int(label)}
+
+
+@dataclass
+class StreamedImage:
+    """A stream record → (image tensor, label) through the split's transform, as ImageFolder gives them."""
+
+    transform: object
+
+    def __call__(self, record: dict) -> tuple[Tensor, int]:
+        return self.transform(load_rgb(record["name"], bytes(record["image"]))), record["label"]
 
 
 class ImageFolderDataModule(ImageClassificationDataModule):
@@ -247,8 +273,10 @@ class ImageFolderDataModule(ImageClassificationDataModule):
                  img_size: int = 224, crop_pct: float = 0.875, augment: AugmentConfig | None = None,
                  mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
                  std: tuple[float, float, float] = (0.229, 0.224, 0.225), batch_size: int = 128,
-                 eval_batch_size: int | None = None, num_workers: int = 8, mixup: MixupConfig | None = None):
-        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, mixup=mixup)
+                 eval_batch_size: int | None = None, num_workers: int = 8, mixup: MixupConfig | None = None,
+                 stream: StreamConfig | None = None):
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, mixup=mixup,
+                         stream=stream)
         self.root, self.img_size, self.crop_pct, self.augment = Path(root), img_size, crop_pct, augment
         self.dirs = {"train": train_dir, "val": val_dir, "test": test_dir or val_dir}
         self.mean, self.std = mean, std
@@ -257,13 +285,33 @@ class ImageFolderDataModule(ImageClassificationDataModule):
     def num_classes(self) -> int:
         if self.splits is None:
             self.setup()
-        return len(self.splits["train"].classes)
+        return len(self.classes)
+
+    @property
+    def classes(self) -> list[str]:
+        train = self.splits["train"]
+        return train.manifest["meta"]["classes"] if self.stream is not None else train.classes
+
+    def stream_sources(self, split: str) -> dict[str, StreamSource]:
+        """The split's image files as they are, with their labels (and the class names)."""
+        data = self.splits[split]
+        return {split: StreamSource(IMAGE_FOLDER_STREAM, data.samples, encode_image_file, {"classes": data.classes})}
 
     def make_splits(self) -> dict[str, Dataset]:
         from torchvision.datasets import ImageFolder
         from torchvision.datasets.folder import IMG_EXTENSIONS
 
         train_tf, eval_tf = timm_transforms(self.img_size, self.augment, self.mean, self.std, crop_pct=self.crop_pct)
+        if self.stream is not None:
+            splits = {name: open_stream(self.stream, name, IMAGE_FOLDER_STREAM,
+                                        StreamedImage(train_tf if name == "train" else eval_tf), shuffle=name == "train")
+                      for name in ("train", "val", "test")}
+            classes = {name: split.manifest["meta"]["classes"] for name, split in splits.items()}
+            for name in ("val", "test"):
+                if classes[name] != classes["train"]:
+                    raise ValueError(f"stream {self.stream.uri}: {name} classes differ from train classes: "
+                                     f"{classes[name][:5]}... vs {classes['train'][:5]}...")
+            return splits
         splits = {}
         for name, folder in self.dirs.items():
             path = self.root / folder

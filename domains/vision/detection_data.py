@@ -33,6 +33,7 @@ from torchvision.ops import box_convert
 from torchvision.transforms import v2
 
 from polyformer.data import make_loader, shared_data_dir
+from polyformer.streaming import StreamConfig, StreamSource, open_stream, stream_loader
 from polyformer.domains.vision.data import load_rgb
 
 log = logging.getLogger(__name__)
@@ -211,9 +212,25 @@ def detection_transforms(train: bool, size: int, max_size: int, scale_range: tup
     return v2.Compose(steps)
 
 
+def detection_sample(image: Image.Image, boxes: np.ndarray, labels: np.ndarray, height: int, width: int,
+                     index: int, transform: v2.Compose) -> tuple[Tensor, dict[str, Tensor]]:
+    """(image (3 h w) normalised, target dict: boxes (n 4) normalised cxcywh, labels (n), orig_size (2) as
+    (height, width), image_id) of an image and its xyxy pixel boxes, through `transform`."""
+    pixels = tv_tensors.Image(v2.functional.pil_to_tensor(image))
+    xyxy = tv_tensors.BoundingBoxes(torch.from_numpy(boxes), format="XYXY", canvas_size=(height, width))
+    pixels, target = transform(pixels, {"boxes": xyxy, "labels": torch.from_numpy(labels)})
+    h, w = pixels.shape[-2:]
+    scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+    return pixels.as_subclass(Tensor), {
+        "boxes": box_convert(target["boxes"].as_subclass(Tensor), "xyxy", "cxcywh") / scale,
+        "labels": target["labels"],
+        "orig_size": torch.tensor([height, width]),
+        "image_id": torch.tensor(index),
+    }
+
+
 class VOCDetectionDataset(Dataset):
-    """Item: (image (3 h w) normalised, target dict: boxes (n 4) normalised cxcywh, labels (n), orig_size (2) as
-    (height, width), image_id)."""
+    """Item: detection_sample() of each annotated image."""
 
     def __init__(self, annotations: list[Annotation], transform: v2.Compose):
         self.annotations, self.transform = annotations, transform
@@ -223,17 +240,29 @@ class VOCDetectionDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         a = self.annotations[index]
-        image = tv_tensors.Image(v2.functional.pil_to_tensor(load_rgb(str(a.image))))
-        boxes = tv_tensors.BoundingBoxes(torch.from_numpy(a.boxes), format="XYXY", canvas_size=(a.height, a.width))
-        image, target = self.transform(image, {"boxes": boxes, "labels": torch.from_numpy(a.labels)})
-        height, width = image.shape[-2:]
-        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-        return image.as_subclass(Tensor), {
-            "boxes": box_convert(target["boxes"].as_subclass(Tensor), "xyxy", "cxcywh") / scale,
-            "labels": target["labels"],
-            "orig_size": torch.tensor([a.height, a.width]),
-            "image_id": torch.tensor(index),
-        }
+        return detection_sample(load_rgb(str(a.image)), a.boxes, a.labels, a.height, a.width, index, self.transform)
+
+
+DETECTION_STREAM = "vision.detection"
+
+
+def encode_annotation(item: tuple[int, Annotation]) -> dict:
+    """A stream's record of one annotated image: the image file's bytes as they are, its boxes and labels."""
+    index, a = item
+    return {"index": index, "name": str(a.image), "image": a.image.read_bytes(), "width": a.width,
+            "height": a.height, "boxes": a.boxes.astype(np.float32), "labels": a.labels.astype(np.int64)}
+
+
+@dataclass
+class StreamedDetection:
+    """A stream record → the item VOCDetectionDataset gives of the same image."""
+
+    transform: v2.Compose
+
+    def __call__(self, record: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        image = load_rgb(record["name"], bytes(record["image"]))
+        return detection_sample(image, record["boxes"].reshape(-1, 4), record["labels"], record["height"],
+                                record["width"], record["index"], self.transform)
 
 
 def pad_batch(items: list[tuple[Tensor, dict[str, Tensor]]], size_divisor: int = 32
@@ -269,6 +298,7 @@ class VOCDetectionDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 2,
         skip_bad: bool = False,  # leave out (and log, and count) bad boxes and images instead of raising
+        stream: StreamConfig | None = None,  # read the splits `polyformer stream` wrote of this module instead
     ):
         super().__init__()
         if image_size < 32 or max_size < image_size:
@@ -287,8 +317,8 @@ class VOCDetectionDataModule(L.LightningDataModule):
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.image_size, self.max_size, self.scale_range = image_size, max_size, tuple(scale_range)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.num_workers, self.skip_bad = num_workers, skip_bad
-        self.datasets: dict[str, VOCDetectionDataset] = {}
+        self.num_workers, self.skip_bad, self.stream = num_workers, skip_bad, stream
+        self.datasets: dict[str, Dataset] = {}
 
     @property
     def num_classes(self) -> int:
@@ -297,18 +327,37 @@ class VOCDetectionDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for name in wanted.get(stage, ("train", "val", "test")):
-            if name not in self.datasets:
-                if self.layout == "voc":
-                    annotations = read_voc_split(self.root, self.splits[name], self.classes, skip_bad=self.skip_bad)
-                else:
-                    annotations, self.classes = read_coco_split(self.root, self.splits[name], self.classes or None,
-                                                                skip_bad=self.skip_bad)
-                transform = detection_transforms(name == "train", self.image_size, self.max_size, self.scale_range)
-                self.datasets[name] = VOCDetectionDataset(annotations, transform)
+            if name in self.datasets:
+                continue
+            transform = detection_transforms(name == "train", self.image_size, self.max_size, self.scale_range)
+            if self.stream is not None:
+                self.datasets[name] = open_stream(self.stream, name, DETECTION_STREAM, StreamedDetection(transform),
+                                                  shuffle=name == "train")
+                classes = self.datasets[name].manifest["meta"]["classes"]
+                if classes != self.classes:
+                    raise ValueError(f"stream {self.stream.uri}: its {name} split has classes {classes}, this data "
+                                     f"module {self.classes}")
+                continue
+            if self.layout == "voc":
+                annotations = read_voc_split(self.root, self.splits[name], self.classes, skip_bad=self.skip_bad)
+            else:
+                annotations, self.classes = read_coco_split(self.root, self.splits[name], self.classes or None,
+                                                            skip_bad=self.skip_bad)
+            self.datasets[name] = VOCDetectionDataset(annotations, transform)
+
+    def stream_sources(self, split: str) -> dict[str, StreamSource]:
+        """The split's images (files as they are) with their boxes and labels, and the class names."""
+        annotations = self.datasets[split].annotations
+        return {split: StreamSource(DETECTION_STREAM, list(enumerate(annotations)), encode_annotation,
+                                    {"classes": self.classes})}
 
     def loader(self, name: str, train: bool):
-        return make_loader(self.datasets[name], batch_size=self.batch_size if train else self.eval_batch_size,
-                           shuffle=train, num_workers=self.num_workers, drop_last=False, collate_fn=pad_batch)
+        batch_size = self.batch_size if train else self.eval_batch_size
+        if self.stream is not None:
+            return stream_loader(self.datasets[name], batch_size=self.stream.batch_size or batch_size,
+                                 collate_fn=pad_batch, num_workers=self.num_workers)
+        return make_loader(self.datasets[name], batch_size=batch_size, shuffle=train, num_workers=self.num_workers,
+                           drop_last=False, collate_fn=pad_batch)
 
     def train_dataloader(self):
         return self.loader("train", True)
@@ -320,4 +369,7 @@ class VOCDetectionDataModule(L.LightningDataModule):
         return self.loader("test", False)
 
     def predict_dataloader(self):
+        if self.stream is not None:  # predictions name each image's file: they are written from the folders
+            raise ValueError(f"predict writes each image's file name with its detections: run it on the folder "
+                             f"layout (without stream), found stream {self.stream.uri}")
         return self.loader("test", False)

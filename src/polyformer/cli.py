@@ -310,20 +310,21 @@ def stream_command(argv: Sequence[str]) -> None:
     args, rest = parser.parse_known_args(list(argv))
     cli = PolyformerCLI(args=rest, run=False)
     data = cli.datamodule
-    if not hasattr(data, "stream_source"):
+    if not hasattr(data, "stream_sources"):
         raise SystemExit(f"polyformer stream: {type(data).__name__} cannot be written as a stream (expected a data "
-                         f"module with stream_source(split): LibriSpeech, image folders, VOC / COCO detection, the "
+                         f"module with stream_sources(split): LibriSpeech, image folders, VOC / COCO detection, the "
                          f"long-range tasks)")
     stages = {"train": "fit", "val": "validate", "test": "test"}
     for split in args.splits:
         data.setup(stages[split])
-        try:
-            manifest = write_stream(data.stream_source(split), split_uri(args.out, split), split=split,
-                                    chunk_bytes=args.chunk_bytes, num_workers=args.workers)
-        except StreamError as error:
-            raise SystemExit(f"polyformer stream: {error}") from None
-        print(f"polyformer stream: {manifest['dataset']} {split}: {manifest['samples']} samples → "
-              f"{split_uri(args.out, split)} ({manifest['seconds']:.1f} s)")
+        for folder, source in data.stream_sources(split).items():  # speech: one folder per test split
+            try:
+                manifest = write_stream(source, split_uri(args.out, folder), split=folder,
+                                        chunk_bytes=args.chunk_bytes, num_workers=args.workers)
+            except StreamError as error:
+                raise SystemExit(f"polyformer stream: {error}") from None
+            print(f"polyformer stream: {manifest['dataset']} {folder}: {manifest['samples']} samples → "
+                  f"{split_uri(args.out, folder)} ({manifest['seconds']:.1f} s)")
 
 
 def main(args: Any = None) -> None:

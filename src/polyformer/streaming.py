@@ -6,7 +6,7 @@ resumable mid-epoch (litdata's StreamingDataLoader keeps its position in every c
 A stream is a folder per split, <uri>/<train|val|test>, holding litdata's chunks and index.json and Polyformer's
 manifest (polyformer.json: which data set and split, the stream format, the writing Polyformer's version, what the
 data module needs to read it back). Each streaming data module says how a split's samples become records of bytes and
-numbers (`stream_source`) and how a record becomes a sample again (its decode function).
+numbers (`stream_sources`) and how a record becomes a sample again (its decode function).
 """
 
 from __future__ import annotations
@@ -153,10 +153,11 @@ class EpochStreamingDataLoader(StreamingDataLoader):
 
 
 def stream_loader(stream: StreamingDataset, *, batch_size: int, collate_fn: Callable | None = None,
-                  num_workers: int = 0) -> EpochStreamingDataLoader:
+                  num_workers: int = 0, drop_last: bool | None = None) -> EpochStreamingDataLoader:
     """litdata's StreamingDataLoader over a stream: its state_dict (position in the epoch, epoch, world size) goes
-    into every checkpoint, so a fit resumed mid-epoch goes on with the epoch's next batch."""
+    into every checkpoint, so a fit resumed mid-epoch goes on with the epoch's next batch. `drop_last` True: full
+    batches only (e.g. for Mixup); None keeps open_stream's choice."""
     if batch_size < 1:
         raise ValueError(f"stream batch_size must be at least 1, found {batch_size}")
     return EpochStreamingDataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
-                                    persistent_workers=num_workers > 0)
+                                    persistent_workers=num_workers > 0, drop_last=drop_last)
