@@ -1,8 +1,11 @@
-"""GPU checks of the core: bf16 autocast, the flash SDPA kernel, torch.compile, and training throughput.
+"""GPU checks of the core: bf16 autocast, which SDPA kernels run our attention (flash, memory-efficient, cuDNN,
+math) with and without a padding mask, torch.compile, training throughput, MFU from FLOPs counted by
+torch.utils.flop_counter, and peak memory.
 
     python scripts/gpu_check.py [--device cuda] [--json PATH]
 
-Each check prints one line; the figures go to --json. `--device cpu` runs the same code as a dry run (no flash).
+Each check prints one line; the figures go to --json. `--device cpu` runs the same code as a dry run (small shapes;
+no SDPA kernel table, no MFU).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from polyformer import MultiHeadAttention, TransformerConfig, TransformerEncoder
 
@@ -62,6 +66,25 @@ def main() -> None:
     figures["bf16_max_rel_err"] = ((low - reference).abs().max() / reference.abs().max()).item()
     print(f"bf16 autocast: max |Δ| / max |y| = {figures['bf16_max_rel_err']:.4f}")
 
+    # which SDPA kernels take our attention: each backend alone, causal and with a key-padding mask
+    if device.type == "cuda":
+        attention = MultiHeadAttention(config.dim, config.heads, causal=True).to(device, torch.bfloat16)
+        xb = x.to(torch.bfloat16)
+        padding = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        padding[:, length - length // 4:] = True
+        kernels = {}
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                        SDPBackend.MATH):
+            for name, kwargs in (("causal", {}), ("padding", {"key_padding_mask": padding})):
+                try:
+                    with sdpa_kernel(backend), torch.no_grad():
+                        attention(xb, **kwargs)
+                    kernels[f"{backend.name.lower()}/{name}"] = True
+                except RuntimeError:
+                    kernels[f"{backend.name.lower()}/{name}"] = False
+        figures["sdpa_kernels"] = kernels
+        print("SDPA kernels that run our attention:", ", ".join(k for k, ok in kernels.items() if ok))
+
     # flash SDPA: our attention runs under the flash-only backend (causal fast path, bf16)
     if device.type == "cuda":
         attention = MultiHeadAttention(config.dim, config.heads, causal=True).to(device, torch.bfloat16)
@@ -88,7 +111,14 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    with FlopCounterMode(display=False) as counter:  # FLOPs of one step: forward, backward (the optimizer's few)
+        train_step(encoder)
+    figures["train_step_flops"] = counter.get_total_flops()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     eager = timed(lambda: train_step(encoder), device, 5 if small else 20)
+    if device.type == "cuda":
+        figures["train_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     compiled_encoder = torch.compile(encoder)
     start = time.perf_counter()
     train_step(compiled_encoder)
@@ -103,14 +133,15 @@ def main() -> None:
           f"(x{eager / compiled:.2f}; compile {figures['compile_seconds']:.1f} s, "
           f"max |Δ| {figures['compile_max_abs_diff']:.2e})")
     if device.type == "cuda":
-        params = sum(p.numel() for p in encoder.parameters())
-        flops_per_token = 6 * params + 12 * config.depth * config.dim * length  # Kaplan et al. / PaLM estimate
-        peak = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+        peak = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense bf16 peak FLOP/s
         name = figures.get("device_name", "")
         peak_flops = next((v for k, v in peak.items() if k in str(name)), None)
         if peak_flops:
-            figures["mfu_compiled_bf16"] = flops_per_token * figures["train_tokens_per_s_compiled"] / peak_flops
-            print(f"MFU (compiled, bf16, dense peak {peak_flops / 1e12:.0f} TFLOPS): {figures['mfu_compiled_bf16']:.1%}")
+            figures["mfu_compiled_bf16"] = figures["train_step_flops"] / compiled / peak_flops
+            figures["mfu_eager_bf16"] = figures["train_step_flops"] / eager / peak_flops
+            print(f"MFU from counted FLOPs (bf16, dense peak {peak_flops / 1e12:.0f} TFLOPS): eager "
+                  f"{figures['mfu_eager_bf16']:.1%}, compiled {figures['mfu_compiled_bf16']:.1%}; peak memory "
+                  f"{figures['train_peak_memory_mb']:,.0f} MB")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2))

@@ -279,3 +279,14 @@ def test_compiled_blocks_compute_what_eager_blocks_compute():
         loss.backward()
     for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_state_bytes_count_parameters_gradients_and_optimizer_moments():
+    from polyformer.distributed import state_bytes
+
+    layer = nn.Linear(10, 10)  # 110 fp32 parameters: 440 bytes
+    optimizer = torch.optim.AdamW(layer.parameters())
+    assert state_bytes(layer, [optimizer]) == {"parameters": 440, "gradients": 0, "optimizer": 0}
+    layer(torch.randn(3, 10)).sum().backward()
+    optimizer.step()  # AdamW's two moments per parameter; its scalar step counts are left out
+    assert state_bytes(layer, [optimizer]) == {"parameters": 440, "gradients": 440, "optimizer": 880}

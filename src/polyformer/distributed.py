@@ -18,14 +18,20 @@ Checkpoints of a sharded run are distributed checkpoints (a folder of shards, `t
 
 from __future__ import annotations
 
+import json
+import resource
 import socket
+import statistics
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
+import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from polyformer.transformer import TransformerBlock
 
@@ -122,3 +128,47 @@ def wait_for_master(address: str, port: int, node_rank: int, num_nodes: int, tim
                     f"MASTER_ADDR / MASTER_PORT (or the launcher's) and that the port is open between the machines; "
                     f"--run.master_timeout sets the wait") from None
             time.sleep(0.5)
+
+
+def local_bytes(tensor: torch.Tensor) -> int:
+    """Bytes this rank holds of a tensor: its shard of a DTensor (FSDP2), the whole of a plain tensor."""
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return local.numel() * local.element_size()
+
+
+def state_bytes(module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, int]:
+    """This rank's bytes of parameters, gradients and optimizer state (e.g. AdamW's two moments)."""
+    parameters = list(module.parameters())
+    return {"parameters": sum(local_bytes(p) for p in parameters),
+            "gradients": sum(local_bytes(p.grad) for p in parameters if p.grad is not None),
+            "optimizer": sum(local_bytes(v) for o in optimizers for state in o.state.values()
+                             for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)}
+
+
+class RankReport(L.Callback):
+    """Writes <folder>/rank<R>.json as a fit ends: the rank's largest bytes of parameters, gradients and optimizer
+    state over the steps (its shards under FSDP), its peak resident memory (ru_maxrss; and CUDA's peak allocation on a
+    GPU) and the median seconds of its
+    training steps after the first `warmup`; what `scripts/bench_scale.py` compares FSDP and DDP by."""
+
+    def __init__(self, folder: str, warmup: int = 3):
+        self.folder, self.warmup = Path(folder), warmup
+        self.seconds: list[float] = []
+        self.state: dict[str, int] = {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        self.seconds.append(time.perf_counter() - self.start)
+        for key, value in state_bytes(pl_module, trainer.optimizers).items():
+            self.state[key] = max(self.state.get(key, 0), value)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        timed = self.seconds[self.warmup:] or self.seconds
+        report = {"rank": trainer.global_rank, "world_size": trainer.world_size, "state_bytes": self.state,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+                  "step_seconds": statistics.median(timed) if timed else None, "steps": len(self.seconds)}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(report, indent=1) + "\n")
