@@ -84,7 +84,8 @@ def read_config(domain: str) -> dict:
     return yaml.safe_load((CONFIGS / MODELS[domain][0]).read_text())
 
 
-def load_task(domain: str) -> PolyformerTask:
+def committed_task(domain: str) -> PolyformerTask:
+    """The task of the domain's committed weights (weights/), built from its config."""
     weights = WEIGHTS / MODELS[domain][1]
     if not weights.is_file():
         raise SystemExit(f"{weights}: missing; weights/README.md gives the command that writes it")
@@ -168,7 +169,7 @@ def median_latencies(runners: dict[str, Callable], inputs: tuple, rounds: int, c
 
 def quantize_domain(domain: str, out: Path, quick: bool) -> dict:
     torch.manual_seed(0)
-    task = load_task(domain)
+    task = committed_task(domain)
     exportable = task.exportable()
     eager = exportable.module.eval()
     folder = out / "export" / domain
