@@ -59,7 +59,7 @@ def ids(dataset) -> list[str]:
 
 def test_a_stream_reads_back_every_sample_of_each_split(listops_stream):
     memory = in_memory(listops_stream.parent)
-    streamed = ListOpsDataModule(stream=StreamConfig(str(listops_stream)))
+    streamed = ListOpsDataModule(max_len=60, stream=StreamConfig(str(listops_stream)))
     streamed.setup("fit")
     for split in ("train", "val"):
         manifest = json.loads((listops_stream / split / MANIFEST).read_text())
@@ -88,7 +88,10 @@ def test_a_stream_of_another_data_set_or_format_is_refused_naming_both(listops_s
         (old / split / MANIFEST).write_text(json.dumps({**manifest, "format": 0, "polyformer": "0.0.1"}))
     with pytest.raises(StreamError, match=r"written by Polyformer 0.0.1 \(stream format 0\), this is Polyformer .* "
                                           r"\(stream format 1\): write it again"):
-        ListOpsDataModule(stream=StreamConfig(str(old))).setup("fit")
+        ListOpsDataModule(max_len=60, stream=StreamConfig(str(old))).setup("fit")
+    with pytest.raises(ValueError, match=r"was written for \{'max_len': 60, 'num_classes': 10, 'vocab_size': 17\}, "
+                                         r"this data module expects .*'max_len': 2000"):
+        ListOpsDataModule(stream=StreamConfig(str(listops_stream))).setup("fit")
     with pytest.raises(StreamError, match="expected a split folder written by `polyformer stream`.*no such folder"):
         ListOpsDataModule(stream=StreamConfig(str(tmp_path / "nothing"))).setup("fit")
     with pytest.raises(SystemExit, match="expected a new or empty folder"):
@@ -144,3 +147,23 @@ def test_a_run_killed_mid_epoch_resumes_with_exactly_the_samples_of_an_uninterru
     assert sorted(found) == sorted(expected) == list(range(18))
     for step in expected:
         assert found[step]["samples"] == expected[step]["samples"], f"step {step}"
+
+
+def test_the_epoch_after_a_resumed_epoch_cut_short_starts_afresh(listops_stream):
+    """Lightning can end an epoch before the loader is exhausted (limit_train_batches): the resumed epoch's
+    position must not be replayed in the next."""
+    def loader():
+        data = ListOpsDataModule(max_len=60, stream=StreamConfig(str(listops_stream), batch_size=8))
+        data.setup("fit")
+        return data.train_dataloader()
+
+    first = loader()
+    batches = iter(first)
+    next(batches), next(batches)
+    state = first.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    batches = iter(resumed)
+    next(batches)  # the resumed epoch, cut short after one of its remaining four batches
+    del batches
+    assert len(list(resumed)) == 6  # the next epoch: all of its batches

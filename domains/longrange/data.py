@@ -51,7 +51,10 @@ class SequenceDataset(Dataset):
 
 def encode_example(example: tuple[Sequence[int], int]) -> dict:
     """A stream's record of one (tokens, label) example: every task's tokens fit int16."""
-    return {"tokens": np.asarray(example[0], dtype=np.int16), "label": int(example[1])}
+    tokens = np.asarray(example[0])
+    if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(np.int16).max):
+        raise ValueError(f"stream record: expected token ids in [0, 32767], found {tokens.min()}..{tokens.max()}")
+    return {"tokens": tokens.astype(np.int16), "label": int(example[1])}
 
 
 def decode_example(record: dict) -> tuple[Tensor, int]:
@@ -110,18 +113,25 @@ class SequenceDataModule(L.LightningDataModule):
             if split not in self.splits:
                 self.splits[split] = open_stream(self.stream, split, self.stream_name, decode_example,
                                                  shuffle=split == "train")
+                meta, expected = self.splits[split].manifest["meta"], self.stream_meta()
+                if meta != expected:
+                    raise ValueError(f"stream {self.stream.uri}: its {split} split was written for {meta}, this "
+                                     f"data module expects {expected}: write the stream again with its config")
 
     def stream_sources(self, split: str) -> dict[str, StreamSource]:
         """The split's examples as `polyformer stream` writes them (after `read`), in the folder <split>."""
         data = self.splits[split]
         return {split: StreamSource(self.stream_name, list(zip(data.sequences, data.labels)), encode_example,
-                                    {"vocab_size": self.vocab_size, "num_classes": self.num_classes})}
+                                    self.stream_meta())}
+
+    def stream_meta(self) -> dict:
+        return {"vocab_size": self.vocab_size, "num_classes": self.num_classes, "max_len": self.max_len}
 
     def _loader(self, split: str, train: bool):
         if split not in self.splits:
             raise ValueError(f"{type(self).__name__} has no split {split!r} (it has {sorted(self.splits)})")
         c, data = self.loader, self.splits[split]
-        if self.stream is not None:
+        if self.stream is not None:  # fixed batches: max_tokens' length buckets need every length up front
             batch_size = self.stream.batch_size or (c.batch_size if train else c.eval_batch_size or c.batch_size)
             return stream_loader(data, batch_size=batch_size, collate_fn=collate, num_workers=c.num_workers)
         if c.max_tokens is not None:

@@ -211,22 +211,30 @@ STREAM_NAME = "speech.librispeech"
 
 
 def encode_utterance(utterance: Utterance) -> dict:
-    """A stream's record of one utterance: its FLAC / WAV file's bytes as they are, transcript, id, seconds."""
+    """A stream's record of one utterance: its FLAC / WAV file's bytes as they are, transcript, id, seconds, file."""
     return {"id": utterance.id, "transcript": utterance.transcript, "duration": utterance.duration,
-            "audio": utterance.path.read_bytes()}
+            "name": str(utterance.path).encode(), "audio": utterance.path.read_bytes()}
 
 
 @dataclass
 class StreamedUtterance:
-    """A stream record → (waveform, transcript, id), as SpeechDataset gives them."""
+    """A stream record → (waveform, transcript, id), as SpeechDataset gives them (None for an undecodable record
+    with skip_bad, logged)."""
 
     sample_rate: int = 16_000
     speed_factors: list[float] | None = None
+    skip_bad: bool = False
 
-    def __call__(self, record: dict) -> tuple[Tensor, str, str]:
-        audio = io.BytesIO(bytes(record["audio"]))
-        return decode_waveform(audio, record["id"], self.sample_rate, self.speed_factors), record["transcript"], \
-            record["id"]
+    def __call__(self, record: dict) -> tuple[Tensor, str, str] | None:
+        name = f"{record['id']} (stream record of {bytes(record['name']).decode()})"
+        try:
+            waveform = decode_waveform(io.BytesIO(bytes(record["audio"])), name, self.sample_rate, self.speed_factors)
+        except (RuntimeError, sf.LibsndfileError) as error:
+            if not self.skip_bad:
+                raise BadAudio(f"{name}: cannot decode ({error})") from None
+            log.warning("skipping undecodable utterance %s: %s", name, error)
+            return None
+        return waveform, record["transcript"], record["id"]
 
 
 def collate(items: list[tuple[Tensor, str, str] | None]) -> dict:
@@ -332,11 +340,19 @@ class LibriSpeechDataModule(L.LightningDataModule):
             self.test_sets = [self.utterances(split) for split in self.test_splits]
 
     def setup_stream(self, stage: str | None) -> None:
-        """The splits from the stream's folders: train, val, and test/<split> for each of `test_splits`."""
-        decode = StreamedUtterance(self.sample_rate)
+        """The splits from the stream's folders: train, val, and test/<split> for each of `test_splits`. Batches
+        hold stream.batch_size utterances; max_duration was applied when the stream was written."""
+        decode = StreamedUtterance(self.sample_rate, skip_bad=self.skip_bad)
         if stage in (None, "fit"):
             self.train_set = open_stream(self.stream, "train", STREAM_NAME,
-                                         StreamedUtterance(self.sample_rate, self.speed_factors), shuffle=True)
+                                         StreamedUtterance(self.sample_rate, self.speed_factors, self.skip_bad),
+                                         shuffle=True, seed=self.seed)
+            written = self.train_set.manifest["meta"].get("max_duration")
+            if written is not None and written > self.max_duration:
+                raise ValueError(f"stream {self.stream.uri}: written with max_duration={written} s, this data module "
+                                 f"has max_duration={self.max_duration} s: write the stream again with it")
+            log.info("streamed LibriSpeech: batches of %d utterances (batch_seconds, eval_batch_seconds and "
+                     "num_buckets apply to folders only)", self.stream.batch_size)
         if stage in (None, "fit", "validate"):
             self.val_set = open_stream(self.stream, "val", STREAM_NAME, decode, shuffle=False)
         if stage in (None, "test", "predict"):
@@ -347,7 +363,8 @@ class LibriSpeechDataModule(L.LightningDataModule):
         """What `polyformer stream` writes: the training utterances (max_duration applied), the validation splits
         together, each test split in test/<split>."""
         if split == "train":
-            return {"train": StreamSource(STREAM_NAME, self.train_utterances(), encode_utterance)}
+            return {"train": StreamSource(STREAM_NAME, self.train_utterances(), encode_utterance,
+                                          {"max_duration": self.max_duration})}
         if split == "val":
             return {"val": StreamSource(STREAM_NAME, self.val_set, encode_utterance)}
         return {f"test/{name}": StreamSource(STREAM_NAME, utterances, encode_utterance)
@@ -355,18 +372,22 @@ class LibriSpeechDataModule(L.LightningDataModule):
 
     def transcripts(self) -> list[str]:
         """Training transcripts (for a SentencePiece model)."""
-        if self.stream is not None:
+        if self.stream is not None:  # every record, on every rank (len() of a stream is this rank's share)
             raw = open_stream(self.stream, "train", STREAM_NAME, None, shuffle=False)
-            return [raw[i]["transcript"] for i in range(len(raw))]
+            return [raw[i]["transcript"] for i in range(raw.manifest["samples"])]
         return [u.transcript for u in self.train_utterances()]
 
     def stats_waveforms(self) -> Iterator[Tensor]:
         """Waveforms of a seeded random subset of training utterances, for the normalisation statistics."""
         if self.stream is not None:
-            train = open_stream(self.stream, "train", STREAM_NAME, StreamedUtterance(self.sample_rate), shuffle=False)
+            train = open_stream(self.stream, "train", STREAM_NAME, StreamedUtterance(self.sample_rate,
+                                                                                    skip_bad=self.skip_bad),
+                                shuffle=False)
+            count = train.manifest["samples"]  # every record, on every rank
         else:
             train = SpeechDataset(self.train_utterances(), self.sample_rate, self.skip_bad)
-        chosen = random.Random(0).sample(range(len(train)), min(self.stats_utterances, len(train)))
+            count = len(train)
+        chosen = random.Random(0).sample(range(count), min(self.stats_utterances, count))
         for i in sorted(chosen):
             item = train[i]
             if item is not None:

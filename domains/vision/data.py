@@ -247,7 +247,7 @@ IMAGE_FOLDER_STREAM = "vision.image_folder"
 def encode_image_file(item: tuple[str, int]) -> dict:
     """A stream's record of one (path, label) of an ImageFolder: the file's bytes as they are (JPEG stays JPEG)."""
     path, label = item
-    return {"name": str(path), "image": Path(path).read_bytes(), "label": int(label)}
+    return {"name": str(path).encode(), "image": Path(path).read_bytes(), "label": int(label)}
 
 
 @dataclass
@@ -257,7 +257,7 @@ class StreamedImage:
     transform: object
 
     def __call__(self, record: dict) -> tuple[Tensor, int]:
-        return self.transform(load_rgb(record["name"], bytes(record["image"]))), record["label"]
+        return self.transform(load_rgb(bytes(record["name"]).decode(), bytes(record["image"]))), record["label"]
 
 
 class ImageFolderDataModule(ImageClassificationDataModule):

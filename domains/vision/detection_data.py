@@ -249,7 +249,7 @@ DETECTION_STREAM = "vision.detection"
 def encode_annotation(item: tuple[int, Annotation]) -> dict:
     """A stream's record of one annotated image: the image file's bytes as they are, its boxes and labels."""
     index, a = item
-    return {"index": index, "name": str(a.image), "image": a.image.read_bytes(), "width": a.width,
+    return {"index": index, "name": str(a.image).encode(), "image": a.image.read_bytes(), "width": a.width,
             "height": a.height, "boxes": a.boxes.astype(np.float32), "labels": a.labels.astype(np.int64)}
 
 
@@ -260,7 +260,7 @@ class StreamedDetection:
     transform: v2.Compose
 
     def __call__(self, record: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        image = load_rgb(record["name"], bytes(record["image"]))
+        image = load_rgb(bytes(record["name"]).decode(), bytes(record["image"]))
         return detection_sample(image, record["boxes"].reshape(-1, 4), record["labels"], record["height"],
                                 record["width"], record["index"], self.transform)
 
@@ -334,6 +334,8 @@ class VOCDetectionDataModule(L.LightningDataModule):
                 self.datasets[name] = open_stream(self.stream, name, DETECTION_STREAM, StreamedDetection(transform),
                                                   shuffle=name == "train")
                 classes = self.datasets[name].manifest["meta"]["classes"]
+                if self.layout == "coco" and not self.classes:  # COCO without `classes`: the stream's categories
+                    self.classes = list(classes)
                 if classes != self.classes:
                     raise ValueError(f"stream {self.stream.uri}: its {name} split has classes {classes}, this data "
                                      f"module {self.classes}")

@@ -12,6 +12,7 @@ numbers (`stream_sources`) and how a record becomes a sample again (its decode f
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -22,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import litdata
+import torch
 from litdata import StreamingDataLoader, StreamingDataset
 
 from polyformer.data import global_seed
 
+log = logging.getLogger(__name__)
 STREAM_FORMAT = 1  # the records' layout: bumped whenever a domain changes what it writes
 MANIFEST = "polyformer.json"
 SPLITS = ("train", "val", "test")
@@ -50,6 +53,10 @@ class StreamConfig:
     batch_size: int | None = None  # samples per batch; default: the data module's own batch size
     cache_dir: str | None = None  # where a remote stream's chunks are cached; default: litdata's
 
+    def __post_init__(self) -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"stream.batch_size must be at least 1 (or unset), found {self.batch_size}")
+
 
 @dataclass
 class StreamSource:
@@ -57,7 +64,9 @@ class StreamSource:
 
     dataset: str  # the data set's kind, e.g. "speech.librispeech"; a reader of another kind refuses the stream
     items: Sequence[Any]  # one per sample, e.g. (path, transcript) pairs
-    encode: Callable[[Any], dict]  # item → record of bytes, str, int, float and numpy arrays (module-level function)
+    # item → record of bytes, str, int, float and numpy arrays (a module-level function). File paths go in as bytes:
+    # litdata stores a str naming an existing image, audio or video file as that file's decoded contents
+    encode: Callable[[Any], dict]
     meta: dict = field(default_factory=dict)  # JSON the reader needs back, e.g. the class names
 
 
@@ -102,7 +111,7 @@ def read_manifest(uri: str) -> dict:
             except Exception as error:  # the providers raise their own kinds
                 raise StreamError(f"stream {uri}: cannot read its {MANIFEST} ({error}): expected a folder written by "
                                   f"`polyformer stream`") from None
-            return json.loads(local.read_text())
+            return parse_manifest(local.read_text(), uri)
     path = Path(uri.removeprefix("local:")) / MANIFEST
     if not path.is_file():
         found = "no such folder" if not path.parent.is_dir() else (
@@ -110,11 +119,18 @@ def read_manifest(uri: str) -> dict:
             else "a folder without litdata's index.json (not a stream)")
         raise StreamError(f"stream {path.parent}: expected a split folder written by `polyformer stream` (with "
                           f"{MANIFEST}), found {found}")
-    return json.loads(path.read_text())
+    return parse_manifest(path.read_text(), str(path.parent))
 
 
-def check_manifest(manifest: dict, uri: str, dataset: str) -> None:
-    """Refuses a stream of another data set, or of another stream format, naming what was expected and found."""
+def parse_manifest(text: str, uri: str) -> dict:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise StreamError(f"stream {uri}: its {MANIFEST} is not JSON ({error}): write the stream again") from None
+
+
+def check_manifest(manifest: dict, uri: str, dataset: str, split: str) -> None:
+    """Refuses a stream of another data set, split or stream format, naming what was expected and found."""
     if manifest.get("dataset") != dataset:
         raise StreamError(f"stream {uri}: written from data set {manifest.get('dataset')!r}, but this data module "
                           f"reads {dataset!r}: convert the right data with `polyformer stream -c <its config>`")
@@ -122,6 +138,8 @@ def check_manifest(manifest: dict, uri: str, dataset: str) -> None:
         raise StreamError(f"stream {uri}: written by Polyformer {manifest.get('polyformer')} (stream format "
                           f"{manifest.get('format')}), this is Polyformer {polyformer_version()} (stream format "
                           f"{STREAM_FORMAT}): write it again with this version's `polyformer stream`")
+    if manifest.get("split") != split:
+        raise StreamError(f"stream {uri}: holds split {manifest.get('split')!r}, expected {split!r}")
 
 
 def open_stream(config: StreamConfig, split: str, dataset: str, decode: Callable[[dict], Any] | None, *,
@@ -129,14 +147,14 @@ def open_stream(config: StreamConfig, split: str, dataset: str, decode: Callable
     """One split of a stream as litdata's StreamingDataset, each record passed through `decode`; shuffled per epoch
     from `seed` (default: the run's), checked against `dataset`. The manifest is kept on `.manifest`.
 
-    Under DDP / FSDP litdata deals each rank its own chunks; a training split drops what does not fill every rank's
-    last batch (at most ranks × batch − 1 samples, others each epoch), so ranks stay in step; evaluation drops none."""
+    Under DDP / FSDP litdata deals each rank its own chunks and drops what does not fill every rank's last batch (at
+    most ranks × batch − 1 samples; in training, others each epoch), so that ranks stay in step: stream_loader logs
+    the count. One process reads every sample."""
     uri = split_uri(config.uri, split)
     manifest = read_manifest(uri)
-    check_manifest(manifest, uri, dataset)
+    check_manifest(manifest, uri, dataset, split)
     stream = StreamingDataset(uri, cache_dir=config.cache_dir, shuffle=shuffle,
-                              seed=global_seed() if seed is None else seed, drop_last=None if shuffle else False,
-                              transform=decode)
+                              seed=global_seed() if seed is None else seed, transform=decode)
     stream.manifest = manifest
     return stream
 
@@ -144,20 +162,44 @@ def open_stream(config: StreamConfig, split: str, dataset: str, decode: Callable
 class EpochStreamingDataLoader(StreamingDataLoader):
     """litdata's loader, for Lightning: Lightning ends an epoch after len(loader) batches without exhausting the
     iterator, which leaves a resumed epoch's `restore` flag set, so the next epoch would replay the checkpoint's
-    position and yield nothing. An epoch whose samples were all yielded starts the next afresh."""
+    position. The next epoch after a resumed one starts afresh (whether the resumed one yielded all its samples or
+    was cut short, e.g. by limit_train_batches)."""
+
+    resumed_epoch_started = False
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        super().load_state_dict(obj)
+        self.resumed_epoch_started = False
 
     def __iter__(self):
-        if self.restore and self._num_samples_yielded_streaming >= len(self.dataset):
+        if self.restore and (self.resumed_epoch_started or self._num_samples_yielded_streaming >= len(self.dataset)):
             self.restore = False
+        self.resumed_epoch_started = self.restore
         yield from super().__iter__()
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the running process group; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def stream_loader(stream: StreamingDataset, *, batch_size: int, collate_fn: Callable | None = None,
                   num_workers: int = 0, drop_last: bool | None = None) -> EpochStreamingDataLoader:
     """litdata's StreamingDataLoader over a stream: its state_dict (position in the epoch, epoch, world size) goes
     into every checkpoint, so a fit resumed mid-epoch goes on with the epoch's next batch. `drop_last` True: full
-    batches only (e.g. for Mixup); None keeps open_stream's choice."""
+    batches only (e.g. for Mixup); None keeps litdata's (drop only what keeps ranks in step). Worker seeds come from
+    a generator of the run's seed, as make_loader's do; workers are not persistent (litdata hands each epoch's
+    order to its workers as it starts them)."""
     if batch_size < 1:
         raise ValueError(f"stream batch_size must be at least 1, found {batch_size}")
+    rank, size = world()
+    left = stream.manifest["samples"] % (size * batch_size) if size > 1 else 0
+    if left and rank == 0:
+        log.warning("stream %s: %d of its %d samples do not fill a batch of %d on each of %d ranks and are left out "
+                    "of each epoch (others each training epoch); evaluate on one process for every sample",
+                    stream.input_dir.path or stream.input_dir.url, left, stream.manifest["samples"], batch_size, size)
     return EpochStreamingDataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
-                                    persistent_workers=num_workers > 0, drop_last=drop_last)
+                                    drop_last=drop_last, pin_memory=torch.cuda.is_available(),
+                                    generator=torch.Generator().manual_seed(global_seed()))
