@@ -45,12 +45,16 @@ class DetectorTask(PolyformerTask):
     block_types = (EncoderLayer, DecoderLayer)  # Deformable DETR's layers; DETR's are the core's TransformerBlock
     num_classes: int
 
+    scores: str  # how the exported logits become class scores, for the export's description
+
     def __init__(self, optimizer: OptimizerConfig | None = None, *, backbone_lr_scale: float, score_threshold: float,
-                 init_from: str | None = None, finetune: FinetuneConfig | None = None):
+                 export_size: tuple[int, int] = (384, 512), init_from: str | None = None,
+                 finetune: FinetuneConfig | None = None):
         super().__init__(optimizer, init_from=init_from, finetune=finetune)
         if not 0.0 < backbone_lr_scale <= 1.0:
             raise ValueError(f"backbone_lr_scale must be in (0, 1], found {backbone_lr_scale}")
         self.backbone_lr_scale, self.score_threshold = backbone_lr_scale, score_threshold
+        self.export_size = tuple(export_size)
         self.map = torch.nn.ModuleDict({stage: MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
                                         for stage in ("val", "test")})
 
@@ -140,17 +144,44 @@ class DetectorTask(PolyformerTask):
         return records
 
 
+    def exportable(self) -> Exportable:
+        """(images, padding_mask) at export_size → the last decoder layer's (logits, boxes)."""
+        height, width = self.export_size
+        return Exportable(
+            LastLayerOutputs(self.model), ["images", "padding_mask"], ["logits", "boxes"],
+            lambda batch, _: (torch.randn(batch, 3, height, width), torch.zeros(batch, height, width, dtype=torch.bool)),
+            lengths=(0, 0, 0),
+            description=f"images (batch, 3, {height}, {width}) ImageNet-normalised and padding_mask (batch, {height}, "
+                        f"{width}) True at padding → logits (batch, queries, {self.scores}) and boxes (batch, queries, "
+                        f"4) as (cx, cy, w, h) in [0, 1] of the unpadded image")
+
+
+class LastLayerOutputs(torch.nn.Module):
+    """A detector as export sees it: (images, padding_mask) → the last decoder layer's (logits, boxes)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.model(images, padding_mask)
+        logits, boxes = (out.logits, out.boxes) if hasattr(out, "logits") else out  # Deformable DETR's, DETR's
+        return logits[-1], boxes[-1]
+
+
 class DetectionTask(DetectorTask):
     """DETR (detr.py) trained with its set loss, DN-DETR's reconstruction loss added when configured."""
 
     def __init__(self, detr: DETRConfig | None = None, optimizer: OptimizerConfig | None = None,
                  backbone_lr_scale: float = 0.1,  # DETR trains its backbone at a tenth of the rate
                  score_threshold: float = 0.5,  # predict: the detections drawn in the pictures
+                 export_size: tuple[int, int] = (384, 512),  # export: the (height, width) of the exported graph
                  init_from: str | None = None, finetune: FinetuneConfig | None = None):
         super().__init__(optimizer, backbone_lr_scale=backbone_lr_scale, score_threshold=score_threshold,
-                         init_from=init_from, finetune=finetune)
+                         export_size=export_size, init_from=init_from, finetune=finetune)
         self.detr_config = detr or DETRConfig()
         self.num_classes = self.detr_config.num_classes
+        self.scores = f"{self.num_classes} + 1 (softmax: class scores and no-object)"
         self.model = DETR(self.detr_config)
 
     def losses(self, images: Tensor, padding: Tensor, targets: list[dict[str, Tensor]], train: bool
@@ -172,18 +203,6 @@ class DetectionTask(DetectorTask):
         return detections(logits[-1], boxes[-1], sizes)
 
 
-class DetectionOutputs(torch.nn.Module):
-    """A deformable detector as export sees it: (images, padding_mask) → the last layer's (logits, boxes)."""
-
-    def __init__(self, model: DeformableDETR):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.model(images, padding_mask)
-        return out.logits[-1], out.boxes[-1]
-
-
 class DeformableDetectionTask(DetectorTask):
     """Deformable DETR with DINO's training (deformable_detr.py) on a multi-scale, ImageNet-pre-trained backbone."""
 
@@ -194,10 +213,10 @@ class DeformableDetectionTask(DetectorTask):
                  export_size: tuple[int, int] = (384, 512),  # export: the (height, width) of the exported graph
                  init_from: str | None = None, finetune: FinetuneConfig | None = None):
         super().__init__(optimizer, backbone_lr_scale=backbone_lr_scale, score_threshold=score_threshold,
-                         init_from=init_from, finetune=finetune)
+                         export_size=export_size, init_from=init_from, finetune=finetune)
         self.detector_config = detector or DeformableDETRConfig()
         self.num_classes = self.detector_config.num_classes
-        self.export_size = tuple(export_size)
+        self.scores = f"{self.num_classes} (sigmoid: class scores)"
         self.model = DeformableDETR(self.detector_config)
 
     def slow_parameters(self) -> set[int]:
@@ -217,13 +236,3 @@ class DeformableDetectionTask(DetectorTask):
         out = self.model(images, padding)
         return top_detections(out.logits[-1], out.boxes[-1], sizes)
 
-    def exportable(self) -> Exportable:
-        height, width = self.export_size
-        k = self.detector_config.num_classes
-        return Exportable(
-            DetectionOutputs(self.model), ["images", "padding_mask"], ["logits", "boxes"],
-            lambda batch, _: (torch.randn(batch, 3, height, width), torch.zeros(batch, height, width, dtype=torch.bool)),
-            lengths=(0, 0, 0),
-            description=f"images (batch, 3, {height}, {width}) ImageNet-normalised and padding_mask (batch, {height}, "
-                        f"{width}) True at padding → logits (batch, queries, {k}) (sigmoid: class scores) and boxes "
-                        f"(batch, queries, 4) as (cx, cy, w, h) in [0, 1] of the unpadded image")

@@ -169,3 +169,18 @@ def test_committed_detr_weights_still_load_into_detection_task():
     with torch.no_grad():
         found = task.eval().detect(images, padding, torch.tensor([[64, 96]]))[0]
     assert found["boxes"].shape == (50, 4) and torch.isfinite(found["scores"]).all()
+
+
+def test_detr_exports_to_onnx_and_matches_eager(tmp_path):
+    from polyformer.domains.vision.detection_task import DetectionTask
+
+    torch.manual_seed(0)
+    task = DetectionTask(tiny_detr(), export_size=(64, 96)).eval()
+    exportable = task.exportable()
+    assert "softmax" in exportable.description
+    onnx = exportable.export(tmp_path / "detr.onnx", "onnx")
+    for inputs in exportable.check_inputs():  # batches 1, 3 and 8 against the graph exported at batch 2
+        with torch.no_grad():
+            eager = exportable.module(*inputs)
+        assert eager[0].shape == (len(inputs[0]), 5, 2) and eager[1].shape == (len(inputs[0]), 5, 4)
+        assert all((a - b).abs().max() < 1e-4 for a, b in zip(eager, onnx(*inputs)))
