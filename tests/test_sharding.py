@@ -31,6 +31,8 @@ from polyformer.transformer import TransformerBlock, TransformerConfig
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "core" / "sort_tiny.yaml"
 HELPERS = Path(__file__).parent / "helpers"
+sys.path.insert(0, str(HELPERS))
+from subprocess_fit import polyformer_fit  # noqa: E402
 # 8 optimizer steps of a global batch of 32, no dropout, no clipping (FSDP clips differently). Every run is
 # distributed, the single process as a world of one: Lightning's DistributedSampler then deals the same permutation
 # to all, so that step k's global batch is the same 32 samples (one process: 32; two ranks: 16 each, interleaved)
@@ -43,16 +45,7 @@ EQUAL_WORK = ["--trainer.max_epochs=1", "--data.init_args.train_size=256", "--da
 def run_fit(folder: Path, *extra: str, kill_at: int | None = None) -> subprocess.CompletedProcess:
     """`polyformer fit` of the sorting task in its own process(es), runs under `folder`; every rank saves its final
     weights there (rank<N>.pt), and with `kill_at` every rank kills itself as that optimizer step begins."""
-    folder.mkdir(exist_ok=True)
-    callbacks = f"    - class_path: rank_weights.SaveRankWeights\n      init_args:\n        folder: {folder}\n"
-    if kill_at is not None:
-        callbacks += f"    - class_path: fault_injection.KillAt\n      init_args:\n        step: {kill_at}\n"
-    config = folder / f"callbacks{len(list(folder.glob('callbacks*.yaml')))}.yaml"
-    config.write_text("trainer:\n  callbacks:\n" + callbacks)
-    command = [sys.executable, "-m", "polyformer.cli", "fit", "-c", str(CONFIG), "-c", str(config),
-               f"--run.root={folder}", *EQUAL_WORK, *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HELPERS)}
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return polyformer_fit(folder, [CONFIG], "rank_weights.SaveRankWeights", *EQUAL_WORK, *extra, kill_at=kill_at)
 
 
 def fit_weights(tmp_path: Path, name: str, *extra: str) -> dict[str, torch.Tensor]:

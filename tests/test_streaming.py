@@ -6,7 +6,6 @@ another data set or format are refused naming both."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HELPERS = Path(__file__).parent / "helpers"
 sys.path.insert(0, str(HELPERS))
 from record_batches import sample_id  # noqa: E402
+from subprocess_fit import polyformer_fit  # noqa: E402
 
 CONFIG = ROOT / "configs" / "longrange" / "listops.yaml"
 # 48 training expressions of 20-60 tokens and a 2.7 k-parameter model: 6 batches of 8 an epoch
@@ -101,16 +101,8 @@ def test_a_stream_of_another_data_set_or_format_is_refused_naming_both(listops_s
 
 def fit(folder: Path, stream: Path, *extra: str, kill_at: int | None = None) -> subprocess.CompletedProcess:
     """`polyformer fit` of tiny ListOps on the stream in its own process(es), recording every step's samples."""
-    folder.mkdir(exist_ok=True)
-    callbacks = f"    - class_path: record_batches.RecordBatches\n      init_args:\n        folder: {folder}\n"
-    if kill_at is not None:
-        callbacks += f"    - class_path: fault_injection.KillAt\n      init_args:\n        step: {kill_at}\n"
-    config = folder / f"callbacks{len(list(folder.glob('callbacks*.yaml')))}.yaml"
-    config.write_text("trainer:\n  callbacks:\n" + callbacks)
-    command = [sys.executable, "-m", "polyformer.cli", "fit", "-c", str(CONFIG), "-c", str(config), *TINY, *FIT,
-               f"--data.init_args.stream.uri={stream}", f"--run.root={folder}", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HELPERS)}
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return polyformer_fit(folder, [CONFIG], "record_batches.RecordBatches", *TINY, *FIT,
+                          f"--data.init_args.stream.uri={stream}", *extra, kill_at=kill_at, timeout=600)
 
 
 def steps(folder: Path, rank: int = 0) -> dict[int, dict]:
