@@ -89,6 +89,13 @@ def global_seed() -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of the running process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class EpochRandomSampler(RandomSampler):
     """A random permutation drawn from (seed, epoch) alone, so a run resumed at an epoch boundary sees the same order.
 
@@ -131,11 +138,6 @@ class LengthBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _world(self) -> tuple[int, int]:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-
     def batches(self) -> list[list[int]]:
         seed = global_seed() if self.seed is None else self.seed
         rng = random.Random(seed * 100_003 + self.epoch)
@@ -158,10 +160,10 @@ class LengthBatchSampler(Sampler[list[int]]):
                 batches.append(batch)
         if self.shuffle:
             rng.shuffle(batches)
-        rank, world = self._world()
-        if len(batches) % world:
-            batches += batches[: world - len(batches) % world]
-        return batches[rank::world]
+        rank, size = world()
+        if len(batches) % size:
+            batches += batches[: size - len(batches) % size]
+        return batches[rank::size]
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self.batches()

@@ -26,7 +26,7 @@ import litdata
 import torch
 from litdata import StreamingDataLoader, StreamingDataset
 
-from polyformer.data import global_seed
+from polyformer.data import global_seed, world
 
 log = logging.getLogger(__name__)
 STREAM_FORMAT = 1  # the records' layout: bumped whenever a domain changes what it writes
@@ -176,13 +176,6 @@ class EpochStreamingDataLoader(StreamingDataLoader):
             self.restore = False
         self.resumed_epoch_started = self.restore
         yield from super().__iter__()
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the running process group; (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def stream_loader(stream: StreamingDataset, *, batch_size: int, collate_fn: Callable | None = None,

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+import polyformer.data
 from polyformer.data import LengthBatchSampler
 from polyformer.domains.speech.data import (
     LibriSpeechDataModule,
@@ -92,7 +93,7 @@ def test_duration_batches_cover_everything_under_the_cap(monkeypatch):
     # under DDP each rank takes every world-th batch; together they cover everything, equally many per rank
     shards = []
     for rank in range(3):
-        monkeypatch.setattr(LengthBatchSampler, "_world", lambda self, r=rank: (r, 3))
+        monkeypatch.setattr(polyformer.data, "world", lambda r=rank: (r, 3))
         shards.append(list(sampler))
     assert len({len(s) for s in shards}) == 1
     assert {i for s in shards for b in s for i in b} == set(range(200))
