@@ -306,11 +306,8 @@ class ImageFolderDataModule(ImageClassificationDataModule):
             splits = {name: open_stream(self.stream, name, IMAGE_FOLDER_STREAM,
                                         StreamedImage(train_tf if name == "train" else eval_tf), shuffle=name == "train")
                       for name in ("train", "val", "test")}
-            classes = {name: split.manifest["meta"]["classes"] for name, split in splits.items()}
-            for name in ("val", "test"):
-                if classes[name] != classes["train"]:
-                    raise ValueError(f"stream {self.stream.uri}: {name} classes differ from train classes: "
-                                     f"{classes[name][:5]}... vs {classes['train'][:5]}...")
+            check_same_classes({name: split.manifest["meta"]["classes"] for name, split in splits.items()},
+                               f"in stream {self.stream.uri}")
             return splits
         splits = {}
         for name, folder in self.dirs.items():
@@ -334,11 +331,16 @@ class ImageFolderDataModule(ImageClassificationDataModule):
             if ignored:
                 log.warning("ImageFolder split %r at %s: left out %d files without an image extension, e.g. %s",
                             name, path, len(ignored), ignored[0])
-        for name in ("val", "test"):
-            if splits[name].classes != splits["train"].classes:
-                raise ValueError(f"{name} classes differ from train classes under {self.root}: "
-                                 f"{splits[name].classes[:5]}... vs {splits['train'].classes[:5]}...")
+        check_same_classes({name: split.classes for name, split in splits.items()}, f"under {self.root}")
         return splits
+
+
+def check_same_classes(classes: dict[str, list[str]], where: str) -> None:
+    """val's and test's class names must be train's, in train's order (the labels are their indices)."""
+    for name in ("val", "test"):
+        if classes[name] != classes["train"]:
+            raise ValueError(f"{name} classes differ from train classes {where}: {classes[name][:5]}... vs "
+                             f"{classes['train'][:5]}...")
 
 
 def timm_transforms(img_size: int, augment: AugmentConfig | None, mean, std, *, crop_pct: float):
