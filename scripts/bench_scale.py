@@ -42,7 +42,8 @@ def fit_report(out: Path, name: str, ranks: int, strategy: str, extra: list[str]
     callbacks.write_text("trainer:\n  callbacks:\n    - class_path: polyformer.distributed.RankReport\n"
                          f"      init_args:\n        folder: {folder / 'reports'}\n")
     run(polyformer("fit", "-c", str(CONFIG), "-c", str(callbacks), *COMMON, f"--trainer.devices={ranks}",
-                   f"--trainer.strategy={strategy}", f"--checkpoint.dirpath={folder / 'checkpoints'}", *extra),
+                   f"--trainer.strategy={strategy}", f"--checkpoint.dirpath={folder / 'checkpoints'}",
+                   f"--trainer.default_root_dir={folder}", *extra),  # without a logger, config.yaml goes there
         out / "logs" / f"{name}.log")
     return [json.loads((folder / "reports" / f"rank{r}.json").read_text()) for r in range(ranks)]
 
