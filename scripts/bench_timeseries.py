@@ -15,7 +15,6 @@ samples/s ÷ HF's, and ratio_nn_dropout the same with torch's nn.Dropout in plac
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -113,14 +112,16 @@ def throughput(steps: int, warmup: int, batch: int = 128) -> dict:
     from transformers import PatchTSTForPrediction
 
     from polyformer.domains.timeseries import PatchTST, PatchTSTConfig
-    from polyformer.domains.timeseries.model import RandDropout
     from polyformer.transformer import TransformerConfig
 
+    def patchtst(dropout_mask: str) -> PatchTST:
+        encoder = TransformerConfig(dim=16, depth=3, heads=4, mlp_ratio=8.0, prenorm=False, norm="batchnorm",
+                                    dropout=0.3, dropout_mask=dropout_mask, position="learned")
+        return PatchTST(PatchTSTConfig(lookback=336, horizon=96, patch_len=16, stride=8, padding="none",
+                                       encoder=encoder, embed_dropout=0.3)).train()
+
     torch.manual_seed(0)
-    encoder = TransformerConfig(dim=16, depth=3, heads=4, mlp_ratio=8.0, prenorm=False, dropout=0.3,
-                                position="learned")
-    ours = PatchTST(PatchTSTConfig(lookback=336, horizon=96, patch_len=16, stride=8, padding="none", encoder=encoder,
-                                   encoder_norm="batchnorm", embed_dropout=0.3)).train()
+    ours = patchtst("rand")
     hf_config = HFConfig(num_input_channels=7, context_length=336, prediction_length=96, patch_length=16,
                          patch_stride=8, d_model=16, num_attention_heads=4, num_hidden_layers=3, ffn_dim=128,
                          norm_type="batchnorm", pre_norm=False, positional_encoding_type="random",
@@ -129,12 +130,9 @@ def throughput(steps: int, warmup: int, batch: int = 128) -> dict:
                          head_dropout=0.0, share_projection=True, attn_implementation="sdpa")
     hf = PatchTSTForPrediction(hf_config).train()
     assert hf.config._attn_implementation == "sdpa", hf.config._attn_implementation
-    # ours with torch's own nn.Dropout in place of the domain's RandDropout (the same masks' distribution)
-    ours_nn_dropout = copy.deepcopy(ours)
-    for module in list(ours_nn_dropout.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, RandDropout):
-                setattr(module, name, torch.nn.Dropout(child.p))
+    # ours with torch's own nn.Dropout (dropout_mask bernoulli) in place of RandDropout (the same masks' distribution)
+    ours_nn_dropout = patchtst("bernoulli")
+    ours_nn_dropout.load_state_dict(ours.state_dict())
     x, y = torch.randn(batch, 336, 7), torch.randn(batch, 96, 7)
     models = {"ours": ours, "hf": hf, "ours_nn_dropout": ours_nn_dropout}
     optimizers = {name: torch.optim.AdamW(model.parameters(), 1e-4) for name, model in models.items()}

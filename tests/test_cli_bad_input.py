@@ -92,7 +92,8 @@ TYPED = {
     "vision": {"model.init_args.vit.dim": int, "model.init_args.vit.mlp_ratio": float,
                "model.init_args.vit.global_pool": "token avg", "data.init_args.img_size": int,
                "data.init_args.augment": bool, "data.init_args.val_fraction": float},
-    "timeseries": {"model.init_args.model.patch_len": int, "model.init_args.model.encoder_norm": "core batchnorm",
+    "timeseries": {"model.init_args.model.patch_len": int, "model.init_args.model.encoder.norm":
+                   "layernorm rmsnorm batchnorm",
                    "data.init_args.fill": "error ffill interpolate", "data.init_args.lookback": int,
                    "data.init_args.features": "M S", "data.init_args.name": "co2 sunspots"},
     "rl": {"model.init_args.context": int, "model.init_args.evaluation.sample": bool,

@@ -64,6 +64,7 @@ def test_alibi_slopes_are_the_papers():
     dict(attention="local", window=4, position="rope"),
     dict(attention="linear", position="sinusoidal"),
     dict(position="alibi", causal=True, window=6),
+    dict(prenorm=False, norm="batchnorm", dropout=0.1, dropout_mask="rand", ffn_hidden_dropout=False),
 ])
 def test_encoder_options_train(options):
     torch.manual_seed(0)
@@ -98,6 +99,20 @@ def test_swiglu_and_drop_path():
     assert torch.equal(drop.eval()(x), x)
 
 
+def test_norm_and_dropout_kinds_are_chosen_by_the_config():
+    """The config's factories build every block's norms and dropouts: no domain swaps modules after construction."""
+    from polyformer.layers import RandDropout, TokenBatchNorm
+
+    block = TransformerEncoder(TransformerConfig(dim=16, depth=1, heads=2, norm="batchnorm", dropout=0.1,
+                                                 dropout_mask="rand", ffn_hidden_dropout=False)).blocks[0]
+    assert isinstance(block.norm1, TokenBatchNorm) and isinstance(block.norm2, TokenBatchNorm)
+    assert isinstance(block.mlp.drop1, nn.Identity)  # GPT-2's feed-forward: its output is dropped, not its hidden
+    assert isinstance(block.mlp.drop2, RandDropout) and isinstance(block.attn.proj_drop, RandDropout)
+    plain = TransformerEncoder(TransformerConfig(dim=16, depth=1, heads=2, dropout=0.1)).blocks[0]
+    assert type(plain.mlp.drop1) is nn.Dropout and type(plain.attn.proj_drop) is nn.Dropout
+    assert isinstance(plain.norm1, nn.LayerNorm)
+
+
 def test_bad_transformer_config_names_the_field():
     with pytest.raises(ValueError, match="dim=30 must be divisible by heads=4"):
         TransformerConfig(dim=30, heads=4)
@@ -109,6 +124,10 @@ def test_bad_transformer_config_names_the_field():
         TransformerConfig(attention="linear", position="rope")
     with pytest.raises(ValueError, match="dropout must be in"):
         TransformerConfig(dropout=1.5)
+    with pytest.raises(ValueError, match="norm must be 'layernorm', 'rmsnorm' or 'batchnorm', found 'groupnorm'"):
+        TransformerConfig(norm="groupnorm")
+    with pytest.raises(ValueError, match="dropout_mask must be 'bernoulli' or 'rand', found 'gauss'"):
+        TransformerConfig(dropout_mask="gauss")
 
 
 def test_weight_decay_skips_norms_biases_and_positions():

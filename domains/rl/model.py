@@ -74,9 +74,9 @@ class DecisionTransformer(nn.Module):
         self.embed_state = nn.Linear(state_dim, d)
         self.embed_action = nn.Embedding(action_dim, d) if discrete else nn.Linear(action_dim, d)
         self.embed_ln = nn.LayerNorm(d)
-        self.encoder = TransformerEncoder(replace(encoder, causal=True, window=TOKENS_PER_STEP * context))
-        for block in self.encoder.blocks:
-            block.mlp.drop1 = nn.Identity()  # GPT-2, and so the DT, drops the MLP's output, not its hidden layer
+        # GPT-2, and so the DT, drops the MLP's output, not its hidden layer
+        self.encoder = TransformerEncoder(replace(encoder, causal=True, window=TOKENS_PER_STEP * context,
+                                                  ffn_hidden_dropout=False))
         self.head = nn.Linear(d, action_dim)
         for module in (self.embed_return, self.embed_state, self.embed_action, self.head):
             module.apply(init_linear_weights)

@@ -7,7 +7,8 @@ Every model maps a lookback window x (b L c) to a forecast (b H c) of the same c
   repeating the last value, one extra patch), embedded, encoded by the core's TransformerEncoder and flattened into a
   linear head. Departures from the reference code: no residual attention ("res_attention"), dropout on the patch
   embedding before the core adds positions (the reference drops after adding them), core initialisation, and
-  dropout masks drawn with torch.rand on CPU (RandDropout, same distribution, faster than bernoulli_).
+  dropout masks drawn with torch.rand on CPU (the core's `dropout_mask: rand`, same distribution, faster than
+  bernoulli_). The reference's BatchNorm over tokens is the core's `norm: batchnorm`.
 - DLinear (Zeng et al. 2023, https://arxiv.org/abs/2205.13504): moving-average trend + remainder, one linear map
   L → H each, shared by the channels (individual=False, as in its ETTh1 scripts).
 - EncoderDecoderForecaster: a vanilla Transformer (Vaswani et al. 2017) in the Informer layout: one token per time
@@ -19,6 +20,7 @@ Shapes: b batch, L lookback, H horizon, c channels, n patches, p patch length, d
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from polyformer.layers import make_dropout
 from polyformer.transformer import TransformerConfig, TransformerDecoder, TransformerEncoder
 
 
@@ -58,7 +61,7 @@ class RevIN(nn.Module):
 def _patchtst_encoder() -> TransformerConfig:
     # PatchTST/42 on ETTh1: d_model 16, 4 heads, 3 layers, d_ff 128, dropout 0.3, post-norm, learned positions
     return TransformerConfig(dim=16, depth=3, heads=4, mlp_ratio=8.0, prenorm=False, dropout=0.3,
-                             position="learned", max_len=64)
+                             position="learned", max_len=64, dropout_mask="rand")
 
 
 @dataclass
@@ -70,7 +73,7 @@ class PatchTSTConfig:
     padding: Literal["end", "none"] = "end"  # end: repeat the last value `stride` times, one more patch
     revin: bool = True  # instance normalisation of each input series
     encoder: TransformerConfig = field(default_factory=_patchtst_encoder)  # max_len is set to the patch count
-    encoder_norm: Literal["core", "batchnorm"] = "core"  # batchnorm: the reference's BatchNorm1d over tokens
+    encoder_norm: Literal["core", "batchnorm"] | None = None  # deprecated: set encoder.norm (batchnorm: the reference's)
     embed_dropout: float = 0.3  # on the patch embedding, before the encoder
     head_dropout: float = 0.0  # before the flatten head's linear map
 
@@ -83,8 +86,15 @@ class PatchTSTConfig:
             raise ValueError(f"lookback={self.lookback} must be at least patch_len={self.patch_len}")
         if self.padding not in ("end", "none"):
             raise ValueError(f"padding must be 'end' or 'none', found {self.padding!r}")
-        if self.encoder_norm == "batchnorm" and self.encoder.prenorm:
-            raise ValueError("encoder_norm='batchnorm' replaces the post-norm of each block; found encoder.prenorm=True")
+        if self.encoder_norm is not None:  # the key of releases up to 0.1.0, read for one more release
+            if self.encoder_norm not in ("core", "batchnorm"):
+                raise ValueError(f"encoder_norm must be 'core' or 'batchnorm', found {self.encoder_norm!r}")
+            warnings.warn(f"PatchTSTConfig.encoder_norm is deprecated and will be removed: write encoder.norm: "
+                          f"{'batchnorm' if self.encoder_norm == 'batchnorm' else self.encoder.norm} instead",
+                          DeprecationWarning, stacklevel=3)
+            if self.encoder_norm == "batchnorm":
+                self.encoder = replace(self.encoder, norm="batchnorm")
+            self.encoder_norm = None
 
     @property
     def num_patches(self) -> int:
@@ -109,34 +119,6 @@ class PatchEmbed(nn.Module):
         return self.proj(self.patchify(x))
 
 
-class TokenBatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d over the d features of (b n d) tokens (statistics over batch and tokens), PatchTST's default."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        # (b n d) → ((b n) d): the same statistics as over (b d n), without the two transposed copies
-        return super().forward(x.reshape(-1, x.shape[-1])).view_as(x)
-
-
-class RandDropout(nn.Dropout):
-    """nn.Dropout whose mask comes from torch.rand instead of bernoulli_: the same distribution, about 2× faster on
-    CPU, where dropout is a third of a PatchTST training step (tiny width, 0.3 everywhere). CUDA keeps F.dropout."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu":
-            return super().forward(x)
-        scale = (torch.rand_like(x) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
-        return x * scale
-
-
-def use_rand_dropout(module: nn.Module) -> None:
-    """Replaces every nn.Dropout inside `module` (the core's attention and feed-forward ones) by RandDropout."""
-    for name, child in module.named_children():
-        if type(child) is nn.Dropout:
-            setattr(module, name, RandDropout(child.p))
-        else:
-            use_rand_dropout(child)
-
-
 class PatchTST(nn.Module):
     """(b L c) → (b H c): RevIN, per-channel patches → core encoder → flatten head, channels sharing all weights."""
 
@@ -148,15 +130,10 @@ class PatchTST(nn.Module):
         encoder = replace(c.encoder, max_len=c.num_patches)
         self.revin = RevIN() if c.revin else None
         self.patch_embed = PatchEmbed(c.patch_len, c.stride, c.padding, encoder.dim)
-        self.embed_drop = nn.Dropout(c.embed_dropout)
+        self.embed_drop = make_dropout(c.embed_dropout, encoder.dropout_mask)
         self.encoder = TransformerEncoder(encoder)
-        if c.encoder_norm == "batchnorm":
-            for block in self.encoder.blocks:
-                block.norm1 = TokenBatchNorm(encoder.dim, eps=encoder.norm_eps)
-                block.norm2 = TokenBatchNorm(encoder.dim, eps=encoder.norm_eps)
-        self.head_drop = nn.Dropout(c.head_dropout)
+        self.head_drop = make_dropout(c.head_dropout, encoder.dropout_mask)
         self.head = nn.Linear(c.num_patches * encoder.dim, c.horizon) if c.horizon else None
-        use_rand_dropout(self)
 
     def patches(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """x (b L c) → patches of every channel's normalised series (b c n p), and RevIN's mean and std (b 1 c)."""

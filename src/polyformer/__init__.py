@@ -2,7 +2,7 @@
 
 from polyformer.attention import LayerCache, MultiHeadAttention, linear_attention, local_attention
 from polyformer.deformable import MultiScaleDeformableAttention, multi_scale_deformable_sampling
-from polyformer.layers import DropPath, FeedForward, LayerScale, make_norm
+from polyformer.layers import DropPath, FeedForward, LayerScale, make_dropout, make_norm
 from polyformer.positions import (
     LearnedPositionalEmbedding,
     RotaryEmbedding,

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from polyformer.layers import DropoutMask, make_dropout
 from polyformer.positions import RotaryEmbedding, alibi_bias, alibi_slopes
 
 AttentionKind = Literal["full", "local", "linear"]
@@ -193,6 +194,7 @@ class MultiHeadAttention(nn.Module):
         bias: bool = True,
         attn_dropout: float = 0.0,
         dropout: float = 0.0,
+        dropout_mask: DropoutMask = "bernoulli",
     ):
         super().__init__()
         if dim % heads:
@@ -217,7 +219,7 @@ class MultiHeadAttention(nn.Module):
         self.register_buffer("slopes", alibi_slopes(heads) if position == "alibi" else None, persistent=False)
         self.attn_dropout = attn_dropout
         self.proj = nn.Linear(dim, dim, bias=bias)
-        self.proj_drop = nn.Dropout(dropout)
+        self.proj_drop = make_dropout(dropout, dropout_mask)
 
     def forward(
         self,

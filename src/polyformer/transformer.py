@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from polyformer.attention import AttentionKind, LayerCache, MultiHeadAttention
-from polyformer.layers import Activation, DropPath, FeedForward, LayerScale, NormKind, init_linear_weights, make_norm
+from polyformer.layers import (Activation, DropoutMask, DropPath, FeedForward, LayerScale, NormKind, init_linear_weights,
+                               make_norm)
 from polyformer.positions import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding
 
 PositionKind = Literal["none", "sinusoidal", "learned", "rope", "alibi"]
@@ -31,7 +32,7 @@ class TransformerConfig:
     heads: int = 8  # attention heads; dim must be divisible by heads
     mlp_ratio: float = 4.0  # feed-forward hidden width = mlp_ratio * dim
     activation: Activation = "gelu"  # relu | gelu | silu | swiglu
-    norm: NormKind = "layernorm"  # layernorm | rmsnorm
+    norm: NormKind = "layernorm"  # layernorm | rmsnorm | batchnorm (over batch and tokens, PatchTST's)
     norm_eps: float = 1e-5  # timm's ViTs use 1e-6
     prenorm: bool = True  # False: post-norm as in the original Transformer
     final_norm: bool = True  # a norm after the last pre-norm block
@@ -44,6 +45,8 @@ class TransformerConfig:
     qk_norm: bool = False  # normalise queries and keys per head (ViT-22B)
     bias: bool = True  # biases in the linear layers
     dropout: float = 0.0  # after the attention output projection and in the feed-forward
+    ffn_hidden_dropout: bool = True  # False: the feed-forward drops its output only (GPT-2, the Decision Transformer)
+    dropout_mask: DropoutMask = "bernoulli"  # rand: masks from torch.rand, the same distribution, faster on CPU
     attn_dropout: float = 0.0  # on attention weights (full and local kernels)
     drop_path: float = 0.0  # stochastic depth, rising linearly to this value over the blocks
     layer_scale: float | None = None  # LayerScale initial value; None turns it off
@@ -68,6 +71,10 @@ class TransformerConfig:
         if self.attention == "linear" and self.position in ("rope", "alibi"):
             raise ValueError(f"position={self.position!r} acts on attention scores, which attention='linear' "
                              f"does not form; use sinusoidal or learned positions")
+        if self.norm not in ("layernorm", "rmsnorm", "batchnorm"):
+            raise ValueError(f"norm must be 'layernorm', 'rmsnorm' or 'batchnorm', found {self.norm!r}")
+        if self.dropout_mask not in ("bernoulli", "rand"):
+            raise ValueError(f"dropout_mask must be 'bernoulli' or 'rand', found {self.dropout_mask!r}")
         for name in ("dropout", "attn_dropout", "drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), found {getattr(self, name)}")
@@ -90,16 +97,17 @@ class TransformerBlock(nn.Module):
             c.dim, c.heads, causal=c.causal, kind=c.attention, window=c.window,
             position=c.position if c.position in ("rope", "alibi") else "none", rope_base=c.rope_base,
             qk_norm=c.qk_norm, norm_layer=norm, bias=c.bias,
-            attn_dropout=c.attn_dropout, dropout=c.dropout,
+            attn_dropout=c.attn_dropout, dropout=c.dropout, dropout_mask=c.dropout_mask,
         )
         self.ls1 = LayerScale(c.dim, c.layer_scale) if c.layer_scale else nn.Identity()
         if cross:
             self.norm_cross = norm(c.dim)
-            self.cross_attn = MultiHeadAttention(c.dim, c.heads, cross=True, bias=c.bias,
-                                                 attn_dropout=c.attn_dropout, dropout=c.dropout)
+            self.cross_attn = MultiHeadAttention(c.dim, c.heads, cross=True, bias=c.bias, attn_dropout=c.attn_dropout,
+                                                 dropout=c.dropout, dropout_mask=c.dropout_mask)
             self.ls_cross = LayerScale(c.dim, c.layer_scale) if c.layer_scale else nn.Identity()
         self.norm2 = norm(c.dim)
-        self.mlp = FeedForward(c.dim, int(c.mlp_ratio * c.dim), c.activation, bias=c.bias, dropout=c.dropout)
+        self.mlp = FeedForward(c.dim, int(c.mlp_ratio * c.dim), c.activation, bias=c.bias, dropout=c.dropout,
+                               hidden_dropout=c.ffn_hidden_dropout, dropout_mask=c.dropout_mask)
         self.ls2 = LayerScale(c.dim, c.layer_scale) if c.layer_scale else nn.Identity()
         self.drop_path = DropPath(drop_path)
 

@@ -14,15 +14,15 @@ from polyformer.domains.timeseries.model import (
     EncoderDecoderForecaster,
     PatchTST,
     PatchTSTConfig,
-    RandDropout,
     RevIN,
-    TokenBatchNorm,
 )
+from polyformer.layers import RandDropout, TokenBatchNorm
 from polyformer.transformer import TransformerConfig
 
 
-def tiny_patchtst(**overrides) -> PatchTSTConfig:
-    encoder = TransformerConfig(dim=16, depth=2, heads=4, mlp_ratio=4.0, prenorm=False, position="learned")
+def tiny_patchtst(norm: str = "layernorm", **overrides) -> PatchTSTConfig:
+    encoder = TransformerConfig(dim=16, depth=2, heads=4, mlp_ratio=4.0, prenorm=False, position="learned",
+                                norm=norm)
     return PatchTSTConfig(**{"lookback": 64, "horizon": 24, "encoder": encoder, "embed_dropout": 0.0, **overrides})
 
 
@@ -43,8 +43,7 @@ def test_patchtst_matches_hf_transformers_with_copied_weights(norm, padding):
         norm_eps=1e-5,
     )
     hf = transformers.PatchTSTForPrediction(hf_config).eval()
-    encoder_norm = "core" if norm == "layernorm" else "batchnorm"
-    ours = PatchTST(tiny_patchtst(padding=padding, encoder_norm=encoder_norm, revin=not end)).eval()
+    ours = PatchTST(tiny_patchtst(norm, padding=padding, revin=not end)).eval()
     assert ours.config.num_patches == 7 + end  # (64 − 16) / 8 + 1, and one more from the padding
     src = hf.model.encoder
     with torch.no_grad():
@@ -105,8 +104,8 @@ def test_channels_are_forecast_independently():
     assert not torch.allclose(a[:, :, 1], b[:, :, 1])
 
 
-def test_batchnorm_option_replaces_the_block_norms():
-    model = PatchTST(tiny_patchtst(encoder_norm="batchnorm"))
+def test_batchnorm_option_builds_the_block_norms():
+    model = PatchTST(tiny_patchtst("batchnorm"))
     assert all(isinstance(b.norm1, TokenBatchNorm) and isinstance(b.norm2, TokenBatchNorm)
                for b in model.encoder.blocks)
     tokens = torch.randn(6, 8, 16) * 4 + 1
@@ -116,8 +115,15 @@ def test_batchnorm_option_replaces_the_block_norms():
         expected = reference(tokens.transpose(1, 2)).transpose(1, 2)
         torch.testing.assert_close(norm(tokens), expected)
     torch.testing.assert_close(norm.running_var, reference.running_var)
-    with pytest.raises(ValueError, match="prenorm=True"):
-        tiny_patchtst(encoder_norm="batchnorm", encoder=TransformerConfig(dim=16, depth=1, heads=4))
+
+
+def test_the_old_encoder_norm_key_is_read_with_a_deprecation_message():
+    with pytest.warns(DeprecationWarning, match="encoder.norm: batchnorm"):
+        config = tiny_patchtst(encoder_norm="batchnorm")
+    assert config.encoder.norm == "batchnorm" and config.encoder_norm is None
+    assert isinstance(PatchTST(config).encoder.blocks[0].norm2, TokenBatchNorm)
+    with pytest.raises(ValueError, match="encoder_norm must be 'core' or 'batchnorm', found 'group'"):
+        tiny_patchtst(encoder_norm="group")
 
 
 def reference_series_decomp(x: torch.Tensor, kernel: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,8 +170,9 @@ def test_wrong_lookback_is_a_clear_error():
         PatchTST(tiny_patchtst())(torch.randn(2, 60, 3))
 
 
-def test_rand_dropout_matches_dropout_in_distribution_and_is_swapped_in():
-    model = PatchTST(tiny_patchtst(encoder=TransformerConfig(dim=16, depth=1, heads=4, prenorm=False, dropout=0.3)))
+def test_rand_dropout_matches_dropout_in_distribution_and_is_built_by_the_config():
+    encoder = TransformerConfig(dim=16, depth=1, heads=4, prenorm=False, dropout=0.3, dropout_mask="rand")
+    model = PatchTST(tiny_patchtst(encoder=encoder))
     assert not any(type(m) is nn.Dropout for m in model.modules())
     assert sum(isinstance(m, RandDropout) for m in model.modules()) == 5  # embedding, attn proj, mlp ×2, head
     drop = RandDropout(0.3)
