@@ -29,6 +29,16 @@ AttentionKind = Literal["full", "local", "linear"]
 PositionInAttention = Literal["none", "rope", "alibi"]
 
 
+def visible(offset: Tensor, *, causal: bool, window: int | None) -> Tensor:
+    """True where a query may see a key `offset` = query position − key position away: causal keeps offset ≥ 0, a
+    window keeps the keys less than `window` tokens away (behind the query only, when causal). The one definition of
+    the masks that SDPA, the local kernel and the fixed-size export cache apply."""
+    allowed = offset >= 0 if causal else torch.ones_like(offset, dtype=torch.bool)
+    if window is not None:
+        allowed = allowed & ((offset < window) if causal else (offset.abs() < window))
+    return allowed
+
+
 def allowed_keys(
     query_positions: Tensor,
     key_positions: Tensor,
@@ -41,13 +51,7 @@ def allowed_keys(
     allowed = None
     if causal or window is not None:
         offset = query_positions[:, None] - key_positions[None, :]  # (n, m)
-    if causal:
-        allowed = offset >= 0
-    if window is not None:
-        near = offset < window if causal else offset.abs() < window
-        allowed = near if allowed is None else allowed & near
-    if allowed is not None:
-        allowed = allowed[None, None]
+        allowed = visible(offset, causal=causal, window=window)[None, None]
     if key_padding_mask is not None:
         keep = ~key_padding_mask[:, None, None, :]
         allowed = keep if allowed is None else allowed & keep
@@ -89,7 +93,7 @@ def local_attention(
     query_pos = torch.arange(blocks * w, device=q.device).view(blocks, w)
     key_pos = torch.arange(blocks, device=q.device)[:, None] * w - w + torch.arange(3 * w, device=q.device)
     offset = query_pos[:, :, None] - key_pos[:, None, :]  # (c w 3w)
-    allowed = (offset >= 0) & (offset < w) if causal else offset.abs() < w
+    allowed = visible(offset, causal=causal, window=w)
     allowed = (allowed & (key_pos >= 0)[:, None, :] & (key_pos < n)[:, None, :])[None]  # (1 c w 3w)
     if key_padding_mask is not None:
         real = F.pad(~key_padding_mask, (w, w + pad), value=False).unfold(1, 3 * w, w)  # (b c 3w)
@@ -329,7 +333,7 @@ class MultiHeadAttention(nn.Module):
         w, n = keys.shape[2], x.shape[1]
         k, v = torch.cat((keys, k), dim=2), torch.cat((values, v), dim=2)  # (b h w+n e)
         offset = (w + torch.arange(n, device=x.device))[:, None] - torch.arange(w + n, device=x.device)[None]
-        allowed = ((offset >= 0) & (offset < self.window) & key_valid[:, None, None, :]) | (offset == 0)
+        allowed = (visible(offset, causal=True, window=self.window) & key_valid[:, None, None, :]) | (offset == 0)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         out = self.proj_drop(self.proj(rearrange(out, "b h n e -> b n (h e)")))
         return out, k[:, :, n:], v[:, :, n:]
