@@ -29,7 +29,6 @@ distillation_selection: the candidates' validation figures. --quick: a few batch
 
 from __future__ import annotations
 
-import csv
 import os
 import statistics
 import sys
@@ -41,9 +40,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from polyformer.bench import QUICK, fit_and_test, polyformer, run, runs_parser, summarise, write_json
+from polyformer.bench import QUICK, fit_and_test, history, polyformer, run, runs_parser, summarise, write_json
 from polyformer.checkpoint import import_class
-from polyformer.cli import newest_version, task_from
+from polyformer.cli import task_from
 from polyformer.deploy import OnnxModel, export_onnx, file_megabytes, max_abs_diff, quantize_int8
 from polyformer.training import PolyformerTask
 
@@ -211,11 +210,7 @@ def recipe_args(temperature: float, weight: float) -> list[str]:
 
 def validation_value(run_dir: Path, name: str, over_epochs: Callable) -> float:
     """over_epochs(values of a validation metric, epoch by epoch) of a run."""
-    with (newest_version(run_dir) / "metrics.csv").open() as f:
-        values = [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
-    if not values:
-        raise SystemExit(f"{name} not logged in {newest_version(run_dir)}")
-    return over_epochs(values)
+    return over_epochs(history(run_dir, name))
 
 
 def select_recipe(domain: str, out: Path, quick: bool, reuse: bool, jobs: int) -> dict:

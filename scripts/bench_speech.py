@@ -30,7 +30,6 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ import torchaudio
 import yaml
 from torch import Tensor, nn
 
-from polyformer.bench import last_values
+from polyformer.bench import last_values, polyformer, run
 from polyformer.cli import newest_version, newest_with
 from polyformer.domains.speech.conformer import ConformerConfig
 from polyformer.domains.speech.model import SpeechModelConfig, SpeechRecognizer
@@ -132,39 +131,32 @@ def throughput(quick: bool) -> dict:
     return result
 
 
-def run(command: list[str]) -> None:
-    print("$ " + " ".join(command), flush=True)
-    subprocess.run(command, check=True, cwd=ROOT)
-
-
 def accuracy(quick: bool, ckpt: str | None, workdir: Path) -> dict:
     """Trains the tiny config (unless --ckpt), then tests it on the test and held-out splits."""
+    logs = workdir / "logs"
     if quick and ckpt is None:
         corpus = workdir / "corpus"
         run([sys.executable, "scripts/make_synthetic_librispeech.py", "--out", str(corpus), "--train-utterances",
-             "60", "--dev", "10", "--test", "20", "--heldout", "20", "--max-words", "8"])
+             "60", "--dev", "10", "--test", "20", "--heldout", "20", "--max-words", "8"], logs / "corpus.log")
         overrides = ["--data.init_args.root", str(corpus), "--trainer.max_epochs", "1",
                      "--data.init_args.stats_utterances", "30"]
     else:
         corpus = ROOT / "data" / "synthetic_librispeech"
         if not (corpus / "LibriSpeech" / "train").is_dir():
             run([sys.executable, "scripts/make_synthetic_librispeech.py", "--out", str(corpus),
-                 "--train-minutes", "80"])
+                 "--train-minutes", "80"], logs / "corpus.log")
         overrides = ["--data.init_args.root", str(corpus)]
     runs_root = workdir / "runs" if quick else ROOT / "runs"  # a full run's checkpoint is kept
     runs = ["--run.root", str(runs_root), "--run.name", "bench"]
-    base = [sys.executable, "-m", "polyformer.cli"]  # this interpreter's CLI: no activated venv needed
     train_seconds = None
     if ckpt is None:
-        start = time.perf_counter()
-        run(base + ["fit", "-c", str(CONFIG)] + overrides + runs)
-        train_seconds = time.perf_counter() - start
+        train_seconds = run(polyformer("fit", "-c", str(CONFIG), *overrides, *runs), logs / "fit.log")
         ckpt = str(newest_with(runs_root / "speech" / "bench", "checkpoints/last.ckpt"))
     else:  # the fit's own clock: the Throughput callback's train/time in the checkpoint's run folder
         fit_metrics = Path(ckpt).resolve().parents[1] / "metrics.csv"
         if fit_metrics.is_file():
             train_seconds = last_values(fit_metrics).get("train/time")
-    run(base + ["test", "-c", str(CONFIG), "--ckpt_path", ckpt] + overrides + runs)
+    run(polyformer("test", "-c", str(CONFIG), "--ckpt_path", ckpt, *overrides, *runs), logs / "test.log")
     test_dir = newest_version(runs_root / "speech" / "bench")
     metrics = last_values(test_dir / "metrics.csv")
     return {"test_cer": metrics["test/test/cer"], "test_wer": metrics["test/test/wer"],

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from polyformer.bench import polyformer, run
 from polyformer.cli import newest_version
 from polyformer.checkpoint import import_class
 
@@ -114,18 +113,15 @@ def test_accuracy(run: Path) -> float:
 
 
 def train_digits(run_root: Path, extra: list[str]) -> tuple[float, float, Path]:
-    # the CLI through this interpreter: the script runs without an activated venv (.venv/bin/python scripts/...)
-    command = [sys.executable, "-m", "polyformer.cli", "fit", "-c", str(DIGITS_CONFIG.relative_to(ROOT)),
-               f"--run.root={run_root}", *extra]
-    print("digits command:", shlex.join(command), flush=True)
-    start, cpu_start = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    seconds, cpu = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    command = polyformer("fit", "-c", str(DIGITS_CONFIG.relative_to(ROOT)), f"--run.root={run_root}", *extra)
+    cpu_start = resource.getrusage(resource.RUSAGE_CHILDREN)
+    seconds = run(command, run_root / "logs" / "digits_fit.log", threads=None)  # the threads the caller set
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_seconds = cpu.ru_utime + cpu.ru_stime - cpu_start.ru_utime - cpu_start.ru_stime
     print(f"    wall {seconds:.1f} s, CPU {cpu_seconds:.1f} s (user + system; the wall time includes waiting for a busy "
           f"machine)", flush=True)
-    run = newest_version(run_root / "vision" / "vit_tiny_digits")
-    return seconds, test_accuracy(run), run
+    version = newest_version(run_root / "vision" / "vit_tiny_digits")
+    return seconds, test_accuracy(version), version
 
 
 def rollout_figure(run: Path, path: Path, count: int = 6) -> None:

@@ -41,16 +41,19 @@ def polyformer(*args: str) -> list[str]:
     return [sys.executable, "-m", "polyformer.cli", *args]
 
 
-def run(command: list[str], log: Path, cwd: Path = PROJECT_ROOT) -> float:
-    """Runs a command with one torch thread, its output to `log`; returns its wall seconds. A failure raises a
-    RunError naming the command and the log."""
+def run(command: list[str], log: Path, cwd: Path = PROJECT_ROOT, threads: int | None = 1) -> float:
+    """Runs a command with `threads` torch threads (None: as the environment says), its output to `log`; returns its
+    wall seconds. A failure prints the log's last lines and raises a RunError naming the command and the log (which
+    may sit in a temporary folder)."""
     print("$", shlex.join(command), flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    env = os.environ if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with log.open("w") as out:
-        result = subprocess.run(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        result = subprocess.run(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
     if result.returncode:
+        tail = log.read_text(errors="replace").splitlines()[-30:]
+        print("\n".join(["--- last lines of " + str(log), *tail]), file=sys.stderr, flush=True)
         raise RunError(f"failed ({result.returncode}): {shlex.join(command)}; see {log}")
     return time.perf_counter() - start
 
