@@ -6,7 +6,7 @@
                                       [--minutes text=7 listops=5 pathfinder=5] [--seed 0]
 
 Cells: the three attention kernels (--kernels) on Text, the kernel with the best self-pretrained validation accuracy
-on Text on ListOps and Pathfinder (`full` when Text is not run), the LSTM and S4D peers (--peers) on all three. Every
+on Text on ListOps and Pathfinder (the first of --kernels when Text is not run), the LSTM and S4D peers (--peers) on all three. Every
 model has the configs' sizes (~70-85 k parameters), lengths, batches of similar length under the same padded-token
 budget, loss, optimizer and learning rate; each cell trains for the same wall time (`trainer.max_time`): `scratch` all
 of it on the labels, `spt` half of it self-pretraining on the task's training inputs
@@ -147,7 +147,7 @@ def main() -> None:
                               for mode in args.modes])
         kernel = max(args.kernels, key=lambda k: results[("text", k, args.modes[-1])]["val"])
     else:
-        kernel = "full"
+        kernel = args.kernels[0]
     rest = [t for t in args.tasks if t != "text"]
     results |= run_cells([(task, model, mode) for task in rest for model in (kernel, *args.peers)
                           for mode in args.modes])
