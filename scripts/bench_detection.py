@@ -50,10 +50,10 @@ from transformers.models.deformable_detr.modeling_deformable_detr import Deforma
 
 from polyformer.cli import newest_version
 from polyformer.deformable import MultiScaleDeformableAttention
-from polyformer.domains.vision.backbones import BackboneConfig
-from polyformer.domains.vision.detection_data import IMAGENET_MEAN, IMAGENET_STD, VOCDetectionDataModule
-from polyformer.domains.vision.detection_task import DeformableDetectionTask, pixel_boxes
-from polyformer.domains.vision.faster_rcnn import faster_rcnn
+from polyformer.domains.vision.detection.backbones import BackboneConfig
+from polyformer.domains.vision.detection.data import IMAGENET_MEAN, IMAGENET_STD, VOCDetectionDataModule
+from polyformer.domains.vision.detection.task import DeformableDetectionTask, pixel_boxes
+from polyformer.domains.vision.detection.faster_rcnn import faster_rcnn
 from polyformer.domains.vision.swin import SwinTransformer
 from polyformer.bench import QUICK, bench_parser, finished, last_value, polyformer, recorded, run, write_json
 from polyformer.checkpoint import save_weights

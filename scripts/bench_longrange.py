@@ -6,12 +6,12 @@
                                       [--minutes text=7 listops=5 pathfinder=5] [--seed 0]
 
 Cells: the three attention kernels (--kernels) on Text, the kernel with the best self-pretrained validation accuracy
-on Text on ListOps and Pathfinder (the first of --kernels when Text is not run), the LSTM and S4D peers (--peers) on all three. Every
-model has the configs' sizes (~70-85 k parameters), lengths, batches of similar length under the same padded-token
-budget, loss, optimizer and learning rate; each cell trains for the same wall time (`trainer.max_time`): `scratch` all
-of it on the labels, `spt` half of it self-pretraining on the task's training inputs
-(configs/longrange/<task>_pretrain.yaml, masked-token denoising), half fine-tuning from that checkpoint. A run is
-`polyformer fit -c configs/longrange/<task>.yaml -c configs/longrange/cpu/<task>.yaml [-c
+on Text on ListOps and Pathfinder (the first of --kernels when Text is not run), the LSTM and S4D peers (--peers) on
+all three. Every model has the configs' sizes (~70-85 k parameters), lengths, batches of similar length under the
+same padded-token budget, loss, optimizer and learning rate; each cell trains for the same wall time
+(`trainer.max_time`): `scratch` all of it on the labels, `spt` half of it self-pretraining on the task's training
+inputs (configs/longrange/<task>_pretrain.yaml, masked-token denoising), half fine-tuning from that checkpoint. A run
+is `polyformer fit -c configs/longrange/<task>.yaml -c configs/longrange/cpu/<task>.yaml [-c
 configs/longrange/mixers/<model>.yaml]`, then `polyformer validate` and `polyformer test` of its last checkpoint, one
 torch thread each, --jobs at a time. Validation alone picks the best kernel and each task's best cell, whose weights
 go weights-only to DIR/weights/longrange/<task>.ckpt.

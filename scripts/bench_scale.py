@@ -114,7 +114,7 @@ def streaming(out: Path, quick: bool, repeats: int) -> dict:
     """In-memory (folders, make_loader) against streaming (litdata chunks) loaders, one process, no workers, same
     decoding and transforms, at each domain's training batch: LibriSpeech-sample and BCCD's images."""
     from polyformer.domains.speech.data import LibriSpeechDataModule
-    from polyformer.domains.vision.detection_data import VOCDetectionDataModule
+    from polyformer.domains.vision.detection.data import VOCDetectionDataModule
     from polyformer.streaming import StreamConfig
 
     speech_root, bccd = shared_data_dir() / "speech" / "librispeech-sample", shared_data_dir() / "vision" / "bccd"

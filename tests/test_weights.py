@@ -42,3 +42,22 @@ def test_weights_rebuild_the_task_they_record(path):
     cls = task_class(load_checkpoint(path), source=str(path))
     task = cls.load_from_checkpoint(path)
     assert type(task) is cls and sum(p.numel() for p in task.parameters()) > 0
+
+
+def test_moved_detection_class_paths_load_with_a_deprecation_message():
+    """The detection weights record polyformer.domains.vision.detection_task.<Class> (the module before the
+    vision/detection/ subpackage): the old path still names the same class, with a DeprecationWarning."""
+    import importlib
+    import sys
+
+    from polyformer.checkpoint import import_class
+    from polyformer.domains.vision.detection import DeformableDetectionTask, DetectionTask, VOCDetectionDataModule
+
+    for module in ("polyformer.domains.vision.detection_task", "polyformer.domains.vision.detection_data"):
+        sys.modules.pop(module, None)  # the warning is given on import
+    with pytest.warns(DeprecationWarning, match="polyformer.domains.vision.detection_task is deprecated"):
+        assert import_class("polyformer.domains.vision.detection_task.DetectionTask") is DetectionTask
+    assert import_class("polyformer.domains.vision.detection_task.DeformableDetectionTask") is DeformableDetectionTask
+    with pytest.warns(DeprecationWarning, match="detection_data is deprecated"):
+        module = importlib.import_module("polyformer.domains.vision.detection_data")
+    assert module.VOCDetectionDataModule is VOCDetectionDataModule

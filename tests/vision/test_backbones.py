@@ -17,8 +17,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo
 from torch import Tensor, nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from polyformer.domains.vision import backbones
-from polyformer.domains.vision.backbones import (LITE0_ARCH, BackboneConfig, MultiScaleBackbone,
+from polyformer.domains.vision.detection import backbones
+from polyformer.domains.vision.detection.backbones import (LITE0_ARCH, BackboneConfig, MultiScaleBackbone,
                                                  efficientnet_lite0_imagenet_state_dict,
                                                  efficientnet_lite0_weights_file, lite0_timm_name, load_weights)
 

@@ -12,11 +12,11 @@ import torch
 from torchvision.ops import box_convert, box_iou
 
 from polyformer.cli import PolyformerCLI
-from polyformer.domains.vision.backbones import BackboneConfig
-from polyformer.domains.vision.deformable_detr import (DeformableDETR, DeformableDETRConfig, SetLossConfig,
+from polyformer.domains.vision.detection.backbones import BackboneConfig
+from polyformer.domains.vision.detection.deformable_detr import (DeformableDETR, DeformableDETRConfig, SetLossConfig,
                                                        detection_loss, focal_match, make_denoising, query_bias,
                                                        set_loss, top_detections)
-from polyformer.domains.vision.detection_task import DeformableDetectionTask
+from polyformer.domains.vision.detection.task import DeformableDetectionTask
 from tests.vision.test_detr import detection_cli
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "vision"

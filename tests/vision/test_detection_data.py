@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision.ops import box_convert
 
 from polyformer.data import shared_data_dir
-from polyformer.domains.vision.detection_data import VOCDetectionDataModule, read_coco_split, read_voc_split
+from polyformer.domains.vision.detection.data import VOCDetectionDataModule, read_coco_split, read_voc_split
 
 BCCD = Path(os.environ.get("POLYFORMER_BCCD_PATH", shared_data_dir() / "vision" / "bccd"))
 needs_bccd = pytest.mark.skipif(not (BCCD / "Annotations").is_dir(),

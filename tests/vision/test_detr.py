@@ -10,7 +10,7 @@ import torch
 from torchvision.ops import box_iou, box_convert
 
 from polyformer.cli import PolyformerCLI
-from polyformer.domains.vision.detr import (DETR, DETRConfig, DETRLossConfig, denoising_bias, denoising_loss,
+from polyformer.domains.vision.detection.detr import (DETR, DETRConfig, DETRLossConfig, denoising_bias, denoising_loss,
                                             detections, detr_loss, hungarian_match, make_denoising, sine_positions_2d)
 from tests.vision.test_detection_data import annotation_xml, voc_folder
 
@@ -112,8 +112,8 @@ def detection_cli(tmp_path, task: str, init_args: dict, name: str) -> list[str]:
     detection_task.py) with `init_args` on it."""
     root = voc_folder(tmp_path / "voc", annotation_xml(box=(8, 8, 40, 40)), image_size=(64, 48))
     (root / "ImageSets" / "Main" / "val.txt").write_text("img\n")
-    model = json.dumps({"class_path": f"polyformer.domains.vision.detection_task.{task}", "init_args": init_args})
-    data = json.dumps({"class_path": "polyformer.domains.vision.detection_data.VOCDetectionDataModule",
+    model = json.dumps({"class_path": f"polyformer.domains.vision.detection.task.{task}", "init_args": init_args})
+    data = json.dumps({"class_path": "polyformer.domains.vision.detection.data.VOCDetectionDataModule",
                        "init_args": {"root": str(root), "classes": ["cell"], "image_size": 64, "max_size": 96,
                                      "batch_size": 1, "num_workers": 0}})
     return [f"--model={model}", f"--data={data}", f"--run.root={tmp_path / 'runs'}", "--run.domain=vision",
@@ -160,7 +160,7 @@ def test_detection_configs_instantiate(name, tmp_path):
 def test_committed_detr_weights_still_load_into_detection_task():
     from pathlib import Path
 
-    from polyformer.domains.vision.detection_task import DetectionTask
+    from polyformer.domains.vision.detection.task import DetectionTask
 
     path = Path(__file__).resolve().parents[2] / "weights" / "vision" / "detr_bccd.ckpt"
     task = DetectionTask.load_from_checkpoint(path)
@@ -172,7 +172,7 @@ def test_committed_detr_weights_still_load_into_detection_task():
 
 
 def test_detr_exports_to_onnx_and_matches_eager(tmp_path):
-    from polyformer.domains.vision.detection_task import DetectionTask
+    from polyformer.domains.vision.detection.task import DetectionTask
 
     torch.manual_seed(0)
     task = DetectionTask(tiny_detr(), export_size=(64, 96)).eval()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from polyformer.domains.vision import ImageFolderDataModule
-from polyformer.domains.vision.detection_data import VOCDetectionDataModule
+from polyformer.domains.vision.detection.data import VOCDetectionDataModule
 from polyformer.streaming import StreamConfig, StreamError, split_uri, write_stream
 
 

@@ -19,8 +19,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from polyformer.domains.vision.backbones import BackboneConfig, MultiScaleBackbone
-from polyformer.domains.vision.detection_data import IMAGENET_MEAN, IMAGENET_STD
+from polyformer.domains.vision.detection.backbones import BackboneConfig, MultiScaleBackbone
+from polyformer.domains.vision.detection.data import IMAGENET_MEAN, IMAGENET_STD
 
 
 class FeaturePyramid(nn.Module):

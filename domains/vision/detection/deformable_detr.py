@@ -48,9 +48,9 @@ from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
 from polyformer.attention import MultiHeadAttention
 from polyformer.deformable import MultiScaleDeformableAttention
-from polyformer.domains.vision.backbones import BackboneConfig, MultiScaleBackbone
-from polyformer.domains.vision.detr import (MLP, add_box_terms, box_positions, padded_targets, sine_positions_2d,
-                                            with_total)
+from polyformer.domains.vision.detection.backbones import BackboneConfig, MultiScaleBackbone
+from polyformer.domains.vision.detection.detr import (MLP, add_box_terms, box_positions, padded_targets,
+                                                     sine_positions_2d, with_total)
 from polyformer.layers import FeedForward
 
 
