@@ -89,6 +89,14 @@ def global_seed() -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
+def loader_options(seed: int | None = None) -> dict:
+    """What every loader of the suite (make_loader, the stream loader) shares: pinned memory where a GPU is, and worker
+    seeds from a generator of its own, seeded with `seed` or the run's seed (creating an iterator must not consume the
+    global RNG, which the training base reseeds per epoch)."""
+    return {"pin_memory": torch.cuda.is_available(),
+            "generator": torch.Generator().manual_seed(global_seed() if seed is None else seed)}
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) of the running process group; (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
@@ -209,6 +217,5 @@ def make_loader(
             num_workers=num_workers,
             collate_fn=collate_fn,
             persistent_workers=num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            generator=torch.Generator().manual_seed(global_seed() if seed is None else seed),
+            **loader_options(seed),
         )

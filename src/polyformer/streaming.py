@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import litdata
-import torch
 from litdata import StreamingDataLoader, StreamingDataset
 
-from polyformer.data import global_seed, world
+from polyformer.data import global_seed, loader_options, world
 
 log = logging.getLogger(__name__)
 STREAM_FORMAT = 1  # the records' layout: bumped whenever a domain changes what it writes
@@ -194,5 +193,4 @@ def stream_loader(stream: StreamingDataset, *, batch_size: int, collate_fn: Call
                     "of each epoch (others each training epoch); evaluate on one process for every sample",
                     stream.input_dir.path or stream.input_dir.url, left, stream.manifest["samples"], batch_size, size)
     return EpochStreamingDataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
-                                    drop_last=drop_last, pin_memory=torch.cuda.is_available(),
-                                    generator=torch.Generator().manual_seed(global_seed()))
+                                    drop_last=drop_last, **loader_options())
