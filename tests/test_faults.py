@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from polyformer.checkpoint import CheckpointError, load_checkpoint, write_atomically
+from polyformer.checkpoint import CheckpointError, load_checkpoint, replace_folder, write_atomically
 from polyformer.toy import SortingTask
 from polyformer.transformer import TransformerConfig
 
@@ -98,6 +98,21 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
     write_atomically(target, lambda file: file.write(b"new"))
     assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_a_sharded_checkpoint_folder_is_replaced_whole(tmp_path):
+    """replace_folder (how ShardedStrategy puts a finished `.<name>.partial` folder in place): the old shards go, the
+    new ones come, nothing of either is mixed, and a stale `.old` of a killed replacement is cleared."""
+    target = tmp_path / "last.ckpt"
+    for name, folder in (("old", target), ("new", tmp_path / ".last.ckpt.partial")):
+        folder.mkdir()
+        (folder / "__0_0.distcp").write_text(name)
+        (folder / ("stale" if name == "old" else "meta.pt")).write_text(name)
+    (tmp_path / ".last.ckpt.old").mkdir()  # as a replacement killed between its two renames leaves it
+    replace_folder(tmp_path / ".last.ckpt.partial", target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert sorted(p.name for p in target.iterdir()) == ["__0_0.distcp", "meta.pt"]
+    assert (target / "__0_0.distcp").read_text() == "new"
 
 
 # ---- NaN and inf ------------------------------------------------------------------------------------------------

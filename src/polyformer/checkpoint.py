@@ -5,7 +5,7 @@ through these functions.
   in one line), `read_pretrained` (the tensors and hyper-parameters of any checkpoint, state dict or .safetensors).
 - Checking: `load_weights` loads a state dict and names the missing and unexpected keys and the shapes that differ.
 - Writing: `write_atomically` (a temporary file, fsync, rename: a killed process leaves the old file whole),
-  `save_weights` (a weights-only copy of a Lightning checkpoint, a sharded one included: `polyformer consolidate`).
+  `replace_folder` (the same for a sharded checkpoint's folder, by renames), `save_weights` (a weights-only copy of a Lightning checkpoint, a sharded one included: `polyformer consolidate`).
 - Sharded checkpoints (a sharded run's folder of `torch.distributed.checkpoint` shards and Lightning's `meta.pt`):
   `is_sharded`, `sharded_ranks` (how many ranks wrote it; a missing shard refused naming it), `load_sharded`.
 - Classes and configs: `task_class` (the task class a checkpoint records), `import_class`, and `to_plain` /
@@ -21,6 +21,7 @@ import io
 import os
 import pickle
 import re
+import shutil
 import warnings
 import typing
 import zipfile
@@ -62,6 +63,24 @@ def write_atomically(path: str | Path, write: Callable[[IO[bytes]], None]) -> No
             os.fsync(folder)
         finally:
             os.close(folder)
+
+
+def replace_folder(new: str | Path, path: str | Path) -> None:
+    """Puts the finished folder `new` (e.g. a sharded checkpoint written beside `path`) in the place of `path`: the
+    old folder is renamed to `.<name>.old`, `new` renamed to `path`, then the old one deleted. Each step is a rename,
+    so a process killed in between leaves a whole checkpoint (`path`, or `.<name>.old` between the two renames),
+    never a mix of old and new shards; a stale `.old` is cleared by the next replacement."""
+    new, path = Path(new), Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if old.exists():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if path.is_dir():
+        path.rename(old)
+    elif path.exists():
+        path.unlink()
+    new.rename(path)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def save_weights(checkpoint: str | Path, out: str | Path) -> str:

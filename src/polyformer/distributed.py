@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import socket
 import statistics
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -33,6 +35,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from polyformer.checkpoint import replace_folder
 from polyformer.transformer import TransformerBlock
 
 
@@ -59,6 +62,23 @@ class ShardedStrategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes  # every process in the data-parallel group
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict, filepath: str | Path, storage_options: Any = None) -> None:
+        """A sharded checkpoint written atomically: every rank writes its shards into `.<name>.partial` beside the
+        checkpoint's path; once all have (a barrier), rank 0 puts the folder in place by renames (replace_folder).
+        A run killed while saving keeps its previous checkpoint whole (Lightning itself writes into the old folder)."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(filepath))
+        partial = path.with_name(f".{path.name}.partial")
+        if self.global_rank == 0 and partial.exists():  # left by a save that was killed
+            shutil.rmtree(partial)
+        self.barrier("polyformer_partial_cleared")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("polyformer_shards_written")
+        if self.global_rank == 0:
+            replace_folder(partial, path)
+        self.barrier("polyformer_checkpoint_in_place")
 
 
 def blocks_of(module: nn.Module, block_types: tuple[type[nn.Module], ...]) -> list[nn.Module]:
