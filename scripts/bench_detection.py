@@ -61,7 +61,7 @@ from polyformer.data import PROJECT_ROOT as ROOT
 
 CONFIG = ROOT / "configs" / "vision" / "deformable_detr_bccd.yaml"
 CONFIG_YAML = yaml.safe_load(CONFIG.read_text())
-DETECTOR = "--model.init_args.detector."
+DETECTOR = "--model.init_args.model."
 SCRATCH = [f"{DETECTOR}backbone.pretrained=false", f"{DETECTOR}backbone.frozen_bn=false",
            "--model.init_args.backbone_lr_scale=1.0"]
 # each piece turned off (with what depends on it): the ablation's rows, beside "all" (the config as it is)
@@ -188,7 +188,7 @@ def config_data(**overrides) -> VOCDetectionDataModule:
 
 def peer_backbone(pretrained: bool) -> BackboneConfig:
     """Ours' backbone config (as the detector config has it), pre-trained or from random weights."""
-    settings = CONFIG_YAML["model"]["init_args"]["detector"]["backbone"]
+    settings = CONFIG_YAML["model"]["init_args"]["model"]["backbone"]
     return BackboneConfig(**{**settings, "pretrained": pretrained, "frozen_bn": settings["frozen_bn"] and pretrained,
                              "strides": tuple(settings["strides"])})
 

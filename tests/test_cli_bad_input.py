@@ -59,7 +59,7 @@ OUT_OF_RANGE = {
         "data.init_args.max_shift": st.floats(max_value=-1e-9) | st.floats(min_value=1.001),
         "data.init_args.max_rotation": st.floats(max_value=-1e-9), "data.init_args.max_scale": fraction_bad,
         "data.init_args.label_fraction": st.floats(max_value=0) | st.floats(min_value=1.001),
-        "model.init_args.vit.depth": positive_int_bad,
+        "model.init_args.model.depth": positive_int_bad,
     },
     "timeseries": {
         "data.init_args.lookback": positive_int_bad, "data.init_args.horizon": positive_int_bad,
@@ -69,8 +69,8 @@ OUT_OF_RANGE = {
     },
     "rl": {
         "data.init_args.segment": positive_int_bad, "data.init_args.reward_scale": positive_float_bad,
-        "data.init_args.val_fraction": fraction_bad, "model.init_args.context": positive_int_bad,
-        "model.init_args.encoder.heads": positive_int_bad,
+        "data.init_args.val_fraction": fraction_bad, "model.init_args.model.context": positive_int_bad,
+        "model.init_args.model.encoder.heads": positive_int_bad,
     },
     "speech": {
         "data.init_args.max_duration": positive_float_bad, "data.init_args.batch_seconds": positive_float_bad,
@@ -89,14 +89,14 @@ TYPED = {
              "model.init_args.optimizer.schedule": "cosine constant", "data.init_args.batch_size": int,
              "data.init_args.train_size": int, "trainer.max_epochs": int, "trainer.gradient_clip_val": float,
              "seed_everything": int},
-    "vision": {"model.init_args.vit.dim": int, "model.init_args.vit.mlp_ratio": float,
-               "model.init_args.vit.global_pool": "token avg", "data.init_args.img_size": int,
+    "vision": {"model.init_args.model.dim": int, "model.init_args.model.mlp_ratio": float,
+               "model.init_args.model.global_pool": "token avg", "data.init_args.img_size": int,
                "data.init_args.augment": bool, "data.init_args.val_fraction": float},
     "timeseries": {"model.init_args.model.patch_len": int, "model.init_args.model.encoder.norm":
                    "layernorm rmsnorm batchnorm",
                    "data.init_args.fill": "error ffill interpolate", "data.init_args.lookback": int,
                    "data.init_args.features": "M S", "data.init_args.name": "co2 sunspots"},
-    "rl": {"model.init_args.context": int, "model.init_args.evaluation.sample": bool,
+    "rl": {"model.init_args.model.context": int, "model.init_args.evaluation.sample": bool,
            "data.init_args.segment": int, "data.init_args.reward_scale": float},
     "speech": {"model.init_args.tokenizer.kind": "char unigram", "model.init_args.decoding": "greedy beam",
                "data.init_args.max_duration": float, "data.init_args.num_buckets": int,

@@ -43,7 +43,7 @@ def test_distill_config_rejects_out_of_range_values(field, value):
 
 def saved_vit(path, num_classes: int = 10):
     """A ViT task saved as a weights-only checkpoint (hyper-parameters and state dict)."""
-    task = ImageClassificationTask(vit=ViTConfig(**{**TINY_VIT.__dict__, "num_classes": num_classes}))
+    task = ImageClassificationTask(model=ViTConfig(**{**TINY_VIT.__dict__, "num_classes": num_classes}))
     torch.save({"state_dict": task.state_dict(), "hyper_parameters": to_plain(dict(task.hparams))}, path)
     return task
 
@@ -51,7 +51,7 @@ def saved_vit(path, num_classes: int = 10):
 def test_a_student_equal_to_its_teacher_has_zero_distillation_loss(tmp_path):
     saved_vit(tmp_path / "teacher.ckpt")
     # the student starts from the teacher's own weights, and learns from the teacher alone (weight 1)
-    student = ImageClassificationTask(vit=TINY_VIT, init_from=str(tmp_path / "teacher.ckpt"),
+    student = ImageClassificationTask(model=TINY_VIT, init_from=str(tmp_path / "teacher.ckpt"),
                                       distill=DistillConfig(teacher=str(tmp_path / "teacher.ckpt"), weight=1.0))
     data = DigitsDataModule(batch_size=16)
     fit = trainer(1)  # setup loads init_from, then one step
@@ -64,7 +64,7 @@ def test_a_student_equal_to_its_teacher_has_zero_distillation_loss(tmp_path):
 
 def test_a_student_with_weight_half_mixes_the_two_losses(tmp_path):
     teacher = saved_vit(tmp_path / "teacher.ckpt")
-    student = ImageClassificationTask(vit=TINY_VIT, distill=DistillConfig(teacher=str(tmp_path / "teacher.ckpt"),
+    student = ImageClassificationTask(model=TINY_VIT, distill=DistillConfig(teacher=str(tmp_path / "teacher.ckpt"),
                                                                           temperature=2.0, weight=0.5))
     images, labels = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
     student.eval()  # no dropout; the task's step is called directly
@@ -77,7 +77,7 @@ def test_a_student_with_weight_half_mixes_the_two_losses(tmp_path):
 
 def test_a_teacher_predicting_other_classes_is_an_error_naming_both(tmp_path):
     saved_vit(tmp_path / "teacher12.ckpt", num_classes=12)
-    student = ImageClassificationTask(vit=TINY_VIT, distill=DistillConfig(teacher=str(tmp_path / "teacher12.ckpt")))
+    student = ImageClassificationTask(model=TINY_VIT, distill=DistillConfig(teacher=str(tmp_path / "teacher12.ckpt")))
     with pytest.raises(ValueError, match=r"teacher12.ckpt.*\(batch, classes\) are \(4, 12\).*student's \(4, 10\)"):
         student.step((torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))), "train")
 

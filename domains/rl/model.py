@@ -17,7 +17,7 @@ Shapes: b batch, k steps, n = 3k tokens, d model width, s state width, a action 
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from einops import rearrange
@@ -53,6 +53,29 @@ class Normalizer(nn.Module):
 
     def returns(self, returns: Tensor) -> Tensor:
         return returns / self.return_scale
+
+
+def _dt_encoder() -> TransformerConfig:
+    return TransformerConfig(dim=128, depth=3, heads=1, activation="relu")
+
+
+@dataclass
+class DecisionTransformerConfig:
+    """The DT's architecture: K steps of context, the timestep table, the core encoder (causal and window are set
+    from K by the model)."""
+
+    context: int = 20  # K: steps of attention window
+    max_ep_len: int = 1000  # size of the timestep embedding table
+    encoder: TransformerConfig = field(default_factory=_dt_encoder)
+
+
+@dataclass
+class BehaviourCloningConfig:
+    """The BC baseline's MLP: `depth` hidden layers of `hidden` units, ReLU, dropout."""
+
+    hidden: int = 256
+    depth: int = 2
+    dropout: float = 0.1
 
 
 class DecisionTransformer(nn.Module):

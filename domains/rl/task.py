@@ -8,7 +8,9 @@ gymnasium rollouts when fitting ends if `evaluation` is set: a table on stdout a
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
 import torch
@@ -18,7 +20,8 @@ from torch import Tensor
 from polyformer.domains.rl.data import OfflineRLDataModule, space_dims
 from polyformer.domains.rl.evaluate import RolloutConfig, evaluate_bc, evaluate_dt, format_rows
 from polyformer.deploy import Exportable
-from polyformer.domains.rl.model import ActingStep, BehaviourCloning, DecisionTransformer
+from polyformer.domains.rl.model import (ActingStep, BehaviourCloning, BehaviourCloningConfig, DecisionTransformer,
+                                         DecisionTransformerConfig)
 from polyformer.finetune import FinetuneConfig
 from polyformer.training import OptimizerConfig, PolyformerTask
 from polyformer.transformer import TransformerConfig
@@ -61,6 +64,25 @@ class OfflineRLTask(PolyformerTask):
     def rollouts(self, config: RolloutConfig) -> list[dict]:
         raise NotImplementedError
 
+    def model_from_flat(self, model: Any, config_type: type, **flat: Any) -> Any:
+        """The architecture `model` (a `config_type`), or one built from the flat arguments that releases up to 0.1.0
+        took instead (e.g. context, max_ep_len, encoder), read for one more release with a deprecation message; the
+        hyper-parameters then record it as `model`."""
+        given = {name: value for name, value in flat.items() if value is not None}
+        if not given:
+            return model if model is not None else config_type()
+        if model is not None:
+            raise ValueError(f"{type(self).__name__}: {', '.join(given)} are the old, flat form of `model`: set "
+                             f"model.{'/'.join(given)}, found both")
+        warnings.warn(f"{type(self).__name__}: the arguments {', '.join(given)} are deprecated and will be removed: "
+                      f"write model.{', model.'.join(given)} (model.init_args.model.* in a config)",
+                      DeprecationWarning, stacklevel=3)
+        model = config_type(**given)
+        for name in flat:
+            self.hparams.pop(name, None)
+        self.hparams["model"] = model
+        return model
+
     def on_fit_end(self) -> None:
         if self.evaluation is None or not self.trainer.is_global_zero:
             return
@@ -78,20 +100,25 @@ class DecisionTransformerTask(OfflineRLTask):
     def __init__(
         self,
         env_id: str = "CartPole-v1",
-        context: int = 20,  # K: steps of attention window
-        max_ep_len: int = 1000,  # size of the timestep embedding table
-        encoder: TransformerConfig | None = None,  # causal and window are set from context
+        model: DecisionTransformerConfig | None = None,
         evaluation: RolloutConfig | None = None,
         optimizer: OptimizerConfig | None = None,
         init_from: str | None = None,
         finetune: FinetuneConfig | None = None,
+        context: int | None = None,
+        max_ep_len: int | None = None,
+        encoder: TransformerConfig | None = None,
     ):
+        """context, max_ep_len, encoder: the flat form of `model` (releases up to 0.1.0), read with a deprecation
+        message."""
         super().__init__(env_id, evaluation, optimizer, init_from, finetune)
-        if self.max_episode_steps is not None and max_ep_len < self.max_episode_steps:
-            raise ValueError(f"max_ep_len={max_ep_len} is shorter than {env_id}'s {self.max_episode_steps} steps")
-        self.encoder_config = encoder or TransformerConfig(dim=128, depth=3, heads=1, activation="relu")
+        c = self.model_config = self.model_from_flat(model, DecisionTransformerConfig, context=context,
+                                                     max_ep_len=max_ep_len, encoder=encoder)
+        if self.max_episode_steps is not None and c.max_ep_len < self.max_episode_steps:
+            raise ValueError(f"model.max_ep_len={c.max_ep_len} is shorter than {env_id}'s {self.max_episode_steps} "
+                             f"steps")
         self.model = DecisionTransformer(self.state_dim, self.action_dim, discrete=self.discrete,
-                                         encoder=self.encoder_config, context=context, max_ep_len=max_ep_len)
+                                         encoder=c.encoder, context=c.context, max_ep_len=c.max_ep_len)
 
     def step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         output = self.model(batch["returns_to_go"], batch["states"], batch["actions"], batch["timesteps"],
@@ -145,17 +172,21 @@ class BCTask(OfflineRLTask):
     def __init__(
         self,
         env_id: str = "CartPole-v1",
-        hidden: int = 256,
-        depth: int = 2,
-        dropout: float = 0.1,
+        model: BehaviourCloningConfig | None = None,
         evaluation: RolloutConfig | None = None,
         optimizer: OptimizerConfig | None = None,
         init_from: str | None = None,
         finetune: FinetuneConfig | None = None,
+        hidden: int | None = None,
+        depth: int | None = None,
+        dropout: float | None = None,
     ):
+        """hidden, depth, dropout: the flat form of `model` (releases up to 0.1.0), read with a deprecation message."""
         super().__init__(env_id, evaluation, optimizer, init_from, finetune)
-        self.model = BehaviourCloning(self.state_dim, self.action_dim, discrete=self.discrete, hidden=hidden,
-                                      depth=depth, dropout=dropout)
+        c = self.model_config = self.model_from_flat(model, BehaviourCloningConfig, hidden=hidden, depth=depth,
+                                                     dropout=dropout)
+        self.model = BehaviourCloning(self.state_dim, self.action_dim, discrete=self.discrete, hidden=c.hidden,
+                                      depth=c.depth, dropout=c.dropout)
 
     def step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         real = ~batch["padding_mask"]

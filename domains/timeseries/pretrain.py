@@ -36,7 +36,8 @@ class PatchTSTPretrainTask(MaskedPretrainingTask):
     def __init__(self, model: PatchTSTConfig | None = None, pretraining: MaskedModelingConfig | None = None,
                  optimizer: OptimizerConfig | None = None):
         super().__init__(pretraining if pretraining is not None else patchtst_pretraining(), optimizer)
-        config = model if model is not None else PatchTSTConfig(horizon=0, stride=16, padding="none")
+        self.model_config = model if model is not None else PatchTSTConfig(horizon=0, stride=16, padding="none")
+        config = self.model_config
         if config.horizon != 0:
             raise ValueError(f"pre-training trains the encoder alone: expected model.horizon=0 (no forecasting "
                              f"head), found {config.horizon}")

@@ -92,7 +92,8 @@ class PatchTSTTask(ForecastTask):
                  init_from: str | None = None, finetune: FinetuneConfig | None = None,
                  distill: DistillConfig | None = None):
         super().__init__(optimizer, init_from, finetune, distill)
-        self.model = PatchTST(model or PatchTSTConfig())
+        self.model_config = model or PatchTSTConfig()
+        self.model = PatchTST(self.model_config)
 
 
 class DLinearTask(ForecastTask):
@@ -100,7 +101,8 @@ class DLinearTask(ForecastTask):
                  init_from: str | None = None, finetune: FinetuneConfig | None = None,
                  distill: DistillConfig | None = None):
         super().__init__(optimizer, init_from, finetune, distill)
-        self.model = DLinear(model or DLinearConfig())
+        self.model_config = model or DLinearConfig()
+        self.model = DLinear(self.model_config)
 
 
 class EncoderDecoderTask(ForecastTask):
@@ -108,4 +110,5 @@ class EncoderDecoderTask(ForecastTask):
                  init_from: str | None = None, finetune: FinetuneConfig | None = None,
                  distill: DistillConfig | None = None):
         super().__init__(optimizer, init_from, finetune, distill)
-        self.model = EncoderDecoderForecaster(model or EncoderDecoderConfig())
+        self.model_config = model or EncoderDecoderConfig()
+        self.model = EncoderDecoderForecaster(self.model_config)

@@ -25,20 +25,23 @@ from polyformer.training import OptimizerConfig
 
 
 class MAEPretrainTask(MaskedPretrainingTask):
-    """A ViT encoder (vit.num_classes = 0) pre-trained by masked autoencoding of its patches."""
+    """A ViT encoder (model.num_classes = 0) pre-trained by masked autoencoding of its patches."""
 
-    def __init__(self, vit: ViTConfig | None = None, norm_pix_loss: bool = True,
-                 pretraining: MaskedModelingConfig | None = None, optimizer: OptimizerConfig | None = None):
+    def __init__(self, model: ViTConfig | None = None, norm_pix_loss: bool = True,
+                 pretraining: MaskedModelingConfig | None = None, optimizer: OptimizerConfig | None = None,
+                 vit: ViTConfig | None = None):
+        """vit: the old name of `model` (releases up to 0.1.0), read with a deprecation message."""
         super().__init__(pretraining, optimizer)
-        self.vit_config = vit if vit is not None else ViTConfig(num_classes=0)
-        if self.vit_config.num_classes != 0:
-            raise ValueError(f"MAE pre-trains the encoder alone: expected vit.num_classes=0, found "
-                             f"{self.vit_config.num_classes}")
+        model = self.renamed_argument("model", model, "vit", vit)
+        self.model_config = model if model is not None else ViTConfig(num_classes=0)
+        if self.model_config.num_classes != 0:
+            raise ValueError(f"MAE pre-trains the encoder alone: expected model.num_classes=0, found "
+                             f"{self.model_config.num_classes}")
         if not self.pretraining.visible_only:
             raise ValueError("MAE encodes the visible patches only: expected pretraining.visible_only=true")
         self.norm_pix_loss = norm_pix_loss
-        self.model = VisionTransformer(self.vit_config)
-        c = self.vit_config
+        self.model = VisionTransformer(self.model_config)
+        c = self.model_config
         gh, gw = c.grid
         self.build_decoder(c.dim, c.patch_size**2 * c.in_chans, gh * gw)
 
@@ -50,9 +53,9 @@ class MAEPretrainTask(MaskedPretrainingTask):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch  # labels unused
         x, grid = self.model.patch_embed(images)  # (b n d)
         if tuple(grid) != tuple(self.model.grid):
-            raise ValueError(f"MAE pre-training needs images of vit.img_size={self.vit_config.img_size}, found "
+            raise ValueError(f"MAE pre-training needs images of model.img_size={self.model_config.img_size}, found "
                              f"{tuple(images.shape[-2:])}")
-        p = self.vit_config.patch_size
+        p = self.model_config.patch_size
         targets = rearrange(images, "b c (gh p) (gw q) -> b (gh gw) (p q c)", p=p, q=p)
         if self.norm_pix_loss:
             mean, var = targets.mean(dim=-1, keepdim=True), targets.var(dim=-1, keepdim=True)

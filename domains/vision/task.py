@@ -47,24 +47,29 @@ def build_teacher(source: str, num_classes: int) -> nn.Module:
 
 
 class ImageClassificationTask(PolyformerTask):
-    """A VisionTransformer classifier; `vit` is its architecture (timm's argument names)."""
+    """A VisionTransformer classifier; `model` is its architecture (timm's argument names)."""
 
-    architecture_fields = ("vit.dim", "vit.depth", "vit.heads", "vit.patch_size", "vit.in_chans", "vit.mlp_ratio")
+    architecture_fields = ("model.dim", "model.depth", "model.heads", "model.patch_size", "model.in_chans",
+                           "model.mlp_ratio")
+    renamed_hparams = {"vit": "model"}
 
-    def __init__(self, vit: ViTConfig | None = None, label_smoothing: float = 0.0, init_from: str | None = None,
+    def __init__(self, model: ViTConfig | None = None, label_smoothing: float = 0.0, init_from: str | None = None,
                  distillation: DistillationConfig | None = None, optimizer: OptimizerConfig | None = None,
-                 finetune: FinetuneConfig | None = None, distill: DistillConfig | None = None):
+                 finetune: FinetuneConfig | None = None, distill: DistillConfig | None = None,
+                 vit: ViTConfig | None = None):
+        """vit: the old name of `model` (releases up to 0.1.0), read with a deprecation message."""
         super().__init__(optimizer, init_from=init_from, finetune=finetune)
-        self.vit_config = vit if vit is not None else ViTConfig()
-        if distillation is not None and not self.vit_config.distilled:
-            raise ValueError("distillation needs a distillation token: set vit.distilled=true (found distilled=False)")
+        model = self.renamed_argument("model", model, "vit", vit)
+        self.model_config = model if model is not None else ViTConfig()
+        if distillation is not None and not self.model_config.distilled:
+            raise ValueError("distillation needs a distillation token: set model.distilled=true (found distilled=False)")
         if distillation is not None and distill is not None:
             raise ValueError("set one of distillation (DeiT's hard labels through a distillation token) and distill "
                              "(soft targets on the class logits), found both")
         self.label_smoothing, self.distillation, self.distill = label_smoothing, distillation, distill
         self.teacher = TeacherHolder(distill) if distill is not None else None
-        self.model = VisionTransformer(self.vit_config)
-        k = self.vit_config.num_classes
+        self.model = VisionTransformer(self.model_config)
+        k = self.model_config.num_classes
         self.metrics = nn.ModuleDict({
             f"{stage}_{name}": MulticlassAccuracy(k, top_k=top_k, average="micro")
             for stage in ("train", "val", "test") for name, top_k in (("acc1", 1), ("acc5", 5)) if top_k <= k
@@ -74,15 +79,15 @@ class ImageClassificationTask(PolyformerTask):
     def setup(self, stage: str) -> None:
         datamodule = self.datamodule
         data_classes = getattr(datamodule, "num_classes", None)
-        if data_classes is not None and data_classes != self.vit_config.num_classes:
-            raise ValueError(f"the data has {data_classes} classes, the model vit.num_classes="
-                             f"{self.vit_config.num_classes}")
+        if data_classes is not None and data_classes != self.model_config.num_classes:
+            raise ValueError(f"the data has {data_classes} classes, the model model.num_classes="
+                             f"{self.model_config.num_classes}")
         data_chans = getattr(datamodule, "in_chans", None)
-        if data_chans is not None and data_chans != self.vit_config.in_chans:
-            raise ValueError(f"the data has {data_chans} channels, the model vit.in_chans={self.vit_config.in_chans}")
+        if data_chans is not None and data_chans != self.model_config.in_chans:
+            raise ValueError(f"the data has {data_chans} channels, the model model.in_chans={self.model_config.in_chans}")
         super().setup(stage)  # init_from
         if stage == "fit" and self.distillation is not None and not self._teacher:
-            self._teacher.append(build_teacher(self.distillation.teacher, self.vit_config.num_classes))
+            self._teacher.append(build_teacher(self.distillation.teacher, self.model_config.num_classes))
 
     def pretrained(self, source: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """`timm:<name>` (timm's pretrained weights: needs network) or any file the core reads (a checkpoint of this
@@ -100,7 +105,7 @@ class ImageClassificationTask(PolyformerTask):
         return self.model(images)
 
     def exportable(self) -> Exportable:
-        c = self.vit_config
+        c = self.model_config
         height, width = pair(c.img_size)
         return Exportable(self.model, ["images"], ["logits"],
                           lambda batch, _: (torch.randn(batch, c.in_chans, height, width),), lengths=(0, 0, 0),

@@ -5,7 +5,7 @@
   checkpoint (whose task keeps the same model class as `model`) loads its encoder and leaves its decoder out; a bare
   model's state dict (timm's names, no `model.` prefix) is matched under `model.`. Missing and unexpected names are
   printed. A shape that differs, or another number of blocks, is an error naming the tensors and both shapes; when the
-  checkpoint holds hyper-parameters, the task's `architecture_fields` (e.g. "vit.dim") are compared first and an error
+  checkpoint holds hyper-parameters, the task's `architecture_fields` (e.g. "model.dim") are compared first and an error
   names the field and both values.
 - Layer-wise decay follows timm (`param_groups_layer_decay`, from BEiT, Bao et al. 2022): the lr of layer l is
   lr · decay^(L + 1 − l) for L blocks; block i is layer i + 1, parameters that `named_parameters()` lists before the
@@ -44,7 +44,7 @@ class FinetuneConfig:
 
 
 def field_value(hparams: dict[str, Any], path: str) -> Any:
-    """hparams["vit"]["dim"] for "vit.dim" (dataclasses as stored: dicts); a KeyError when absent."""
+    """hparams["model"]["dim"] for "model.dim" (dataclasses as stored: dicts); a KeyError when absent."""
     value: Any = hparams
     for key in path.split("."):
         value = value[key] if isinstance(value, dict) else getattr(value, key)

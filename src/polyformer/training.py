@@ -10,6 +10,7 @@ import inspect
 import math
 import random
 import typing
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -113,6 +114,22 @@ class PolyformerTask(L.LightningModule):
         # collects the init arguments of the whole subclass chain; stored as plain data in checkpoints
         self.save_hyperparameters()
 
+    # hyper-parameters renamed since releases up to 0.1.0, old name → new (e.g. vision's "vit" → "model"): the task
+    # still takes the old argument (renamed_argument), and the old name in a pre-trained checkpoint is read as the new
+    renamed_hparams: dict[str, str] = {}
+
+    def renamed_argument(self, new: str, new_value: Any, old: str, old_value: Any) -> Any:
+        """The value of argument `new`, also accepted under its old name `old` (configs and checkpoints of releases up
+        to 0.1.0) for one more release, with a deprecation message; the hyper-parameters then record it as `new`."""
+        if old_value is None:
+            return new_value
+        if new_value is not None:
+            raise ValueError(f"{type(self).__name__}: `{old}` is the old name of `{new}`: set one, found both")
+        warnings.warn(f"{type(self).__name__}: the argument `{old}` is deprecated and will be removed: write `{new}` "
+                      f"(model.init_args.{new} in a config)", DeprecationWarning, stacklevel=3)
+        self.hparams[new] = self.hparams.pop(old, old_value)
+        return old_value
+
     # ---- what a domain implements -------------------------------------------------------------------------------
     def step(self, batch: Any, stage: str) -> Tensor:
         """Loss of one batch; log stage metrics with self.log(f"{stage}/name", ...)."""
@@ -128,7 +145,7 @@ class PolyformerTask(L.LightningModule):
         return first_tensor(batch).shape[0]
 
     # ---- pre-trained weights -----------------------------------------------------------------------------------
-    architecture_fields: tuple[str, ...] = ()  # hyper-parameters (e.g. "vit.dim") a pre-trained encoder must share
+    architecture_fields: tuple[str, ...] = ()  # hyper-parameters (e.g. "model.dim") a pre-trained encoder must share
     # hyper-parameters that say how to use a trained model (decoding, drawing), not what was trained: in `polyformer
     # test / predict --ckpt_path`, the config and command line set them, not the checkpoint
     inference_fields: tuple[str, ...] = ()
@@ -141,6 +158,7 @@ class PolyformerTask(L.LightningModule):
     def load_pretrained(self, source: str) -> None:
         """Initialises the task from `source` by name, prints what was loaded, missing and unexpected."""
         state, hyper_parameters = self.pretrained(source)
+        hyper_parameters = {self.renamed_hparams.get(key, key): value for key, value in hyper_parameters.items()}
         check_architecture(hyper_parameters, dict(self.hparams), self.architecture_fields, source)
         report = load_matching(self, state, source=source, exclude=self.finetune.exclude)
         parameters = dict(self.named_parameters())

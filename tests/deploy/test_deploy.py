@@ -11,6 +11,7 @@ from torch import nn
 
 from polyformer.cli import main
 from polyformer.deploy import ExportError, OnnxModel, export_onnx, export_program, max_abs_diff, quantize_int8
+from polyformer.domains.rl.model import DecisionTransformerConfig
 from polyformer.domains.rl.task import DecisionTransformerTask
 from polyformer.domains.speech import SpeechRecognitionTask
 from polyformer.domains.speech.conformer import ConformerConfig
@@ -33,12 +34,13 @@ def tasks() -> dict:
     from polyformer.transformer import TransformerConfig as Encoder
 
     return {
-        "vision": ImageClassificationTask(vit=TINY_VIT),
+        "vision": ImageClassificationTask(model=TINY_VIT),
         "speech": SpeechRecognitionTask(model=SpeechModelConfig(
             subsampling_channels=8, conformer=ConformerConfig(dim=32, depth=1, heads=2, kernel_size=5))),
         "timeseries": PatchTSTTask(model=PatchTSTConfig(lookback=64, horizon=16, patch_len=8, stride=8,
                                                         encoder=Encoder(dim=16, depth=2, heads=2))),
-        "rl": DecisionTransformerTask(context=4, max_ep_len=500, encoder=Encoder(dim=16, depth=2, heads=2)),
+        "rl": DecisionTransformerTask(model=DecisionTransformerConfig(context=4, max_ep_len=500,
+                                                                encoder=Encoder(dim=16, depth=2, heads=2))),
     }
 
 
@@ -60,7 +62,7 @@ def test_every_domain_exports_to_onnx_and_pt2_within_1e4_on_three_shapes(domain,
 
 
 def test_polyformer_export_command_from_a_checkpoint(tmp_path, capsys):
-    task = ImageClassificationTask(vit=TINY_VIT)
+    task = ImageClassificationTask(model=TINY_VIT)
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, accelerator="cpu")
     trainer.fit(task, datamodule=DigitsDataModule(batch_size=16))
@@ -106,7 +108,7 @@ def test_data_dependent_control_flow_is_an_error_naming_the_module(tmp_path):
 
 
 def test_wrong_inputs_to_an_exported_model_name_the_expected_shapes(tmp_path):
-    model = ImageClassificationTask(vit=TINY_VIT).model.eval()
+    model = ImageClassificationTask(model=TINY_VIT).model.eval()
     onnx_model = OnnxModel(export_onnx(model, tmp_path / "vit.onnx", (torch.randn(2, 1, 8, 8),),
                                        input_names=["images"]))
     with pytest.raises(ValueError, match=r"rank 4.*images \(batch, 1, 8, 8\).*found images \(2, 8, 8\)"):

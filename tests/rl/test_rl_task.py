@@ -43,7 +43,7 @@ def fit(config: str, tiny_root: Path, run_root: Path, extra: list[str]) -> Polyf
 
 def test_rl_dt_fit_evaluates_and_reloads(tiny_root, tmp_path):
     cli = fit("configs/rl/dt_cartpole.yaml", tiny_root, tmp_path,
-              ["--model.init_args.encoder.dim", "16", "--model.init_args.evaluation.targets", "[50, 500]"])
+              ["--model.init_args.model.encoder.dim", "16", "--model.init_args.evaluation.targets", "[50, 500]"])
     log_dir = Path(cli.trainer.log_dir)
     rows = json.loads((log_dir / "eval.json").read_text())
     assert [row["target"] for row in rows] == [50, 500]
@@ -64,7 +64,7 @@ def test_rl_dt_fit_evaluates_and_reloads(tiny_root, tmp_path):
 
 
 def test_rl_bc_fit_and_reload(tiny_root, tmp_path):
-    cli = fit("configs/rl/bc_cartpole.yaml", tiny_root, tmp_path, ["--model.init_args.hidden", "16"])
+    cli = fit("configs/rl/bc_cartpole.yaml", tiny_root, tmp_path, ["--model.init_args.model.hidden", "16"])
     rows = json.loads((Path(cli.trainer.log_dir) / "eval.json").read_text())
     assert rows[0]["target"] is None and len(rows[0]["returns"]) == 2
     task = load_task(str(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"))
@@ -95,9 +95,27 @@ def test_rl_halfcheetah_configs_and_cpu_schedule_layer(name, tmp_path):
     cpu = PolyformerCLI(args=[*config, "-c", str(ROOT / "configs/rl/halfcheetah_cpu_schedule.yaml"), *common],
                         run=False)
     for cli in (paper, cpu):
-        assert cli.model.model.context == 20 and cli.model.encoder_config.dim == 128
+        assert cli.model.model.context == 20 and cli.model.model_config.encoder.dim == 128
         assert cli.model.evaluation.targets == [6000, 12000]
     assert (paper.trainer.max_steps, paper.model.optimizer_config.lr, paper.datamodule.batch_size) == (100_000, 1e-4, 64)
     assert (cpu.trainer.max_steps, cpu.model.optimizer_config.lr, cpu.datamodule.batch_size) == (10_000, 1e-3, 32)
-    assert cpu.model.encoder_config.dropout == 0.0 and paper.model.encoder_config.dropout == 0.1
+    assert cpu.model.model_config.encoder.dropout == 0.0 and paper.model.model_config.encoder.dropout == 0.1
     assert Path(cpu.trainer.logger.log_dir).parent.name == f"dt_halfcheetah_{name}"  # named after the first file
+
+
+def test_the_old_flat_architecture_arguments_are_read_with_a_deprecation_message():
+    """Releases up to 0.1.0 took context / max_ep_len / encoder (DT) and hidden / depth / dropout (BC) flat; the
+    committed weights/rl/dt_cartpole.ckpt records them so."""
+    from polyformer.domains.rl.model import BehaviourCloningConfig, DecisionTransformerConfig
+    from polyformer.domains.rl.task import BCTask, DecisionTransformerTask
+    from polyformer.transformer import TransformerConfig
+
+    encoder = TransformerConfig(dim=16, depth=1, heads=1)
+    with pytest.warns(DeprecationWarning, match="context, max_ep_len, encoder are deprecated .* write model.context"):
+        task = DecisionTransformerTask(context=4, max_ep_len=500, encoder=encoder)
+    assert task.model_config == DecisionTransformerConfig(context=4, max_ep_len=500, encoder=encoder)
+    assert task.hparams["model"] == task.model_config and not {"context", "encoder"} & set(task.hparams)
+    with pytest.warns(DeprecationWarning, match="hidden are deprecated"):
+        assert BCTask(hidden=8).model_config == BehaviourCloningConfig(hidden=8)
+    with pytest.raises(ValueError, match="context are the old, flat form of `model`: set model.context, found both"):
+        DecisionTransformerTask(model=DecisionTransformerConfig(), context=4)

@@ -194,7 +194,7 @@ def test_export_to_onnx_matches_eager(tmp_path):
 def test_deformable_detection_cli_fits_tests_and_predicts(tmp_path):
     detector = vars(tiny(num_classes=1)) | {"backbone": vars(BackboneConfig(pretrained=False)),
                                             "loss": vars(SetLossConfig())}
-    common = detection_cli(tmp_path, "DeformableDetectionTask", {"detector": detector, "score_threshold": 0.0},
+    common = detection_cli(tmp_path, "DeformableDetectionTask", {"model": detector, "score_threshold": 0.0},
                            "deformable")
     PolyformerCLI(args=["fit", *common, "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1"])
     checkpoint = next((tmp_path / "runs").rglob("last.ckpt"))

@@ -122,7 +122,7 @@ def detection_cli(tmp_path, task: str, init_args: dict, name: str) -> list[str]:
 
 def test_detection_cli_fits_tests_and_predicts(tmp_path, one_torch_thread):
     detr = vars(tiny_detr()) | {"loss": vars(DETRLossConfig())}
-    common = detection_cli(tmp_path, "DetectionTask", {"detr": detr, "score_threshold": 0.0}, "detr")
+    common = detection_cli(tmp_path, "DetectionTask", {"model": detr, "score_threshold": 0.0}, "detr")
     PolyformerCLI(args=["fit", *common, "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1"])
     checkpoint = next((tmp_path / "runs").rglob("last.ckpt"))
     cli = PolyformerCLI(args=["test", *common, f"--ckpt_path={checkpoint}"])
@@ -151,7 +151,7 @@ def test_detection_configs_instantiate(name, tmp_path):
     config = Path(__file__).resolve().parents[2] / "configs" / "vision" / f"{name}.yaml"
     cli = PolyformerCLI(args=["-c", str(config), "--trainer.accelerator=cpu", "--trainer.devices=1",
                               "--trainer.strategy=auto", "--trainer.precision=32-true",
-                              "--model.init_args.detr.pretrained_backbone=false", f"--run.root={tmp_path}"], run=False)
+                              "--model.init_args.model.pretrained_backbone=false", f"--run.root={tmp_path}"], run=False)
     parameters = sum(p.numel() for p in cli.model.parameters())
     low, high = {"detr_bccd": (3e6, 6.25e6), "detr_r50_coco": (3.5e7, 4.5e7)}[name]  # the paper's DETR-R50: 41 M
     assert low < parameters < high  # BCCD: at most 25 MB of fp32 weights
@@ -164,7 +164,7 @@ def test_committed_detr_weights_still_load_into_detection_task():
 
     path = Path(__file__).resolve().parents[2] / "weights" / "vision" / "detr_bccd.ckpt"
     task = DetectionTask.load_from_checkpoint(path)
-    assert task.detr_config.queries == "anchor" and task.detr_config.denoising_groups == 5
+    assert task.model_config.queries == "anchor" and task.model_config.denoising_groups == 5
     images, padding = torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool)
     with torch.no_grad():
         found = task.eval().detect(images, padding, torch.tensor([[64, 96]]))[0]

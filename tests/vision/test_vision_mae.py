@@ -67,7 +67,7 @@ def test_mae_learns_on_digits_and_initialises_the_classifier(tmp_path, caplog):
     trainer.save_checkpoint(tmp_path / "mae.ckpt")
     save_weights(tmp_path / "mae.ckpt", tmp_path / "encoder.ckpt")
 
-    classifier = ImageClassificationTask(vit=ViTConfig(**{**ENCODER.__dict__, "num_classes": 10}),
+    classifier = ImageClassificationTask(model=ViTConfig(**{**ENCODER.__dict__, "num_classes": 10}),
                                          init_from=str(tmp_path / "encoder.ckpt"))
     with caplog.at_level("INFO"):
         classifier.setup("fit")
@@ -78,32 +78,32 @@ def test_mae_learns_on_digits_and_initialises_the_classifier(tmp_path, caplog):
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"dim": 64, "heads": 4}, r"vit.dim: checkpoint 32, this model 64; vit.heads: checkpoint 2, this model 4"),
-    ({"depth": 3}, r"vit.depth: checkpoint 2, this model 3"),
-    ({"patch_size": 4}, r"vit.patch_size: checkpoint 2, this model 4"),
+    ({"dim": 64, "heads": 4}, r"model.dim: checkpoint 32, this model 64; model.heads: checkpoint 2, this model 4"),
+    ({"depth": 3}, r"model.depth: checkpoint 2, this model 3"),
+    ({"patch_size": 4}, r"model.patch_size: checkpoint 2, this model 4"),
 ])
 def test_an_encoder_of_another_shape_is_refused_naming_field_and_values(tmp_path, changes, message):
-    path = tmp_path / "mae.ckpt"
+    path = tmp_path / "mae.ckpt"  # hyper-parameters under the old key "vit" (the committed MAE weights have it)
     torch.save({"state_dict": mae_task().state_dict(), "hyper_parameters": {"vit": ENCODER.__dict__}}, path)
     vit = ViTConfig(**{**ENCODER.__dict__, "num_classes": 10, **changes})
     with pytest.raises(ValueError, match=message):
-        ImageClassificationTask(vit=vit, init_from=str(path)).setup("fit")
+        ImageClassificationTask(model=vit, init_from=str(path)).setup("fit")
 
 
 def test_a_bare_state_dict_of_another_depth_is_refused_naming_the_blocks(tmp_path):
     path = tmp_path / "deeper.pt"
     torch.save(mae_task(depth=3).model.state_dict(), path)
     with pytest.raises(ValueError, match=r"model.blocks has 3 blocks in the checkpoint, 2 in this model \(depth\)"):
-        ImageClassificationTask(vit=ViTConfig(**{**ENCODER.__dict__, "num_classes": 10}),
+        ImageClassificationTask(model=ViTConfig(**{**ENCODER.__dict__, "num_classes": 10}),
                                 init_from=str(path)).setup("fit")
 
 
 def test_bad_mae_settings_name_the_field():
-    with pytest.raises(ValueError, match=r"expected vit.num_classes=0, found 10"):
+    with pytest.raises(ValueError, match=r"expected model.num_classes=0, found 10"):
         mae_task(num_classes=10)
     with pytest.raises(ValueError, match=r"expected pretraining.visible_only=true"):
         MAEPretrainTask(ENCODER, pretraining=MaskedModelingConfig(visible_only=False, decoder=DECODER))
-    with pytest.raises(ValueError, match=r"needs images of vit.img_size=8, found \(16, 16\)"):
+    with pytest.raises(ValueError, match=r"needs images of model.img_size=8, found \(16, 16\)"):
         mae_task().tokens((torch.randn(1, 1, 16, 16), None))
 
 
@@ -111,4 +111,4 @@ def test_bad_mae_settings_name_the_field():
 def test_pretraining_configs_parse(name):
     cli = PolyformerCLI(args=["-c", str(ROOT / "configs" / "vision" / f"{name}.yaml"), "--trainer.logger=false"],
                         run=False)
-    assert cli.model.vit_config.patch_size == 2
+    assert cli.model.model_config.patch_size == 2

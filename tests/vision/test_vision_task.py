@@ -45,7 +45,7 @@ def test_digits_config_trains_from_the_cli_and_the_checkpoint_reloads(tmp_path):
     assert len(losses) >= 12 and sum(losses[-4:]) < sum(losses[:4])
     assert "val/acc1" in header and "val/acc5" in header
     task = ImageClassificationTask.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
-    assert task.vit_config.patch_size == 2 and task.vit_config.in_chans == 1
+    assert task.model_config.patch_size == 2 and task.model_config.in_chans == 1
     data = DigitsDataModule()
     data.setup("test")
     images, labels = next(iter(data.test_dataloader()))
@@ -70,17 +70,17 @@ def test_configs_parse_and_build(name, tmp_path):
                               "--trainer.precision=32-true"], run=False)
     assert isinstance(cli.model, ImageClassificationTask)
     if name == "deit_small_imagenet":  # ImageNet is not here: its classes are read from the folder at setup
-        assert isinstance(cli.datamodule, ImageFolderDataModule) and cli.model.vit_config.num_classes == 1000
+        assert isinstance(cli.datamodule, ImageFolderDataModule) and cli.model.model_config.num_classes == 1000
     else:
-        assert cli.model.vit_config.num_classes == cli.datamodule.num_classes
+        assert cli.model.model_config.num_classes == cli.datamodule.num_classes
     assert sum(p.numel() for p in cli.model.parameters()) > 0
 
 
 def test_init_from_checkpoint_copies_the_backbone_and_keeps_a_new_head(tmp_path):
     torch.manual_seed(0)
-    source = save_task(ImageClassificationTask(vit=TINY), tmp_path / "source.ckpt")
+    source = save_task(ImageClassificationTask(model=TINY), tmp_path / "source.ckpt")
     other = ViTConfig(**{**TINY.__dict__, "num_classes": 4, "img_size": 12})
-    task = ImageClassificationTask(vit=other, init_from=str(source))
+    task = ImageClassificationTask(model=other, init_from=str(source))
     task.setup("fit")
     reference = ImageClassificationTask.load_from_checkpoint(source).model
     torch.testing.assert_close(task.model.blocks[0].attn.qkv.weight, reference.blocks[0].attn.qkv.weight)
@@ -99,7 +99,7 @@ def test_init_from_timm_name_uses_timm_pretrained(monkeypatch):
 
     monkeypatch.setattr(timm, "create_model", offline_create)
     vit = ViTConfig(img_size=64, patch_size=16, num_classes=5, dim=192, depth=2, heads=3)
-    task = ImageClassificationTask(vit=vit, init_from="timm:vit_tiny_patch16_224")
+    task = ImageClassificationTask(model=vit, init_from="timm:vit_tiny_patch16_224")
     task.setup("fit")
     source = offline_create("vit_tiny_patch16_224")
     assert calls[0] == ("vit_tiny_patch16_224", True)
@@ -109,9 +109,9 @@ def test_init_from_timm_name_uses_timm_pretrained(monkeypatch):
 
 def test_deit_hard_distillation_loss(tmp_path):
     torch.manual_seed(0)
-    teacher_path = save_task(ImageClassificationTask(vit=TINY), tmp_path / "teacher.ckpt")
+    teacher_path = save_task(ImageClassificationTask(model=TINY), tmp_path / "teacher.ckpt")
     student_vit = ViTConfig(**{**TINY.__dict__, "distilled": True})
-    task = ImageClassificationTask(vit=student_vit, label_smoothing=0.1,
+    task = ImageClassificationTask(model=student_vit, label_smoothing=0.1,
                                    distillation=DistillationConfig(teacher=str(teacher_path), alpha=0.5))
     task.setup("fit")
     assert not any(name.startswith("_teacher") for name in task.state_dict())
@@ -124,21 +124,29 @@ def test_deit_hard_distillation_loss(tmp_path):
     expected = 0.5 * F.cross_entropy(cls_logits, labels, label_smoothing=0.1) \
         + 0.5 * F.cross_entropy(dist_logits, teacher(images).argmax(-1))
     torch.testing.assert_close(loss, expected)
-    with pytest.raises(ValueError, match="vit.distilled=true"):
-        ImageClassificationTask(vit=TINY, distillation=DistillationConfig(teacher=str(teacher_path)))
+    with pytest.raises(ValueError, match="model.distilled=true"):
+        ImageClassificationTask(model=TINY, distillation=DistillationConfig(teacher=str(teacher_path)))
 
 
 def test_class_count_mismatch_between_model_and_data_is_named():
-    task = ImageClassificationTask(vit=ViTConfig(**{**TINY.__dict__, "num_classes": 7}))
+    task = ImageClassificationTask(model=ViTConfig(**{**TINY.__dict__, "num_classes": 7}))
     trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, accelerator="cpu")
-    with pytest.raises(ValueError, match=r"the data has 10 classes, the model vit.num_classes=7"):
+    with pytest.raises(ValueError, match=r"the data has 10 classes, the model model.num_classes=7"):
         trainer.fit(task, datamodule=DigitsDataModule())
 
 
 def test_no_weight_decay_for_positions_and_tokens():
-    task = ImageClassificationTask(vit=ViTConfig(**{**TINY.__dict__, "distilled": True}))
+    task = ImageClassificationTask(model=ViTConfig(**{**TINY.__dict__, "distilled": True}))
     decay, no_decay = task.parameter_groups()
     ids = {id(p) for p in no_decay["params"]}
     for name in ("pos_embed", "cls_token", "dist_token"):
         assert id(getattr(task.model, name)) in ids
     assert id(task.model.blocks[0].attn.qkv.weight) in {id(p) for p in decay["params"]}
+
+
+def test_the_old_vit_argument_is_read_with_a_deprecation_message():
+    with pytest.warns(DeprecationWarning, match="the argument `vit` is deprecated and will be removed: write `model`"):
+        task = ImageClassificationTask(vit=TINY)
+    assert task.model_config == TINY and "vit" not in task.hparams and task.hparams["model"] == TINY
+    with pytest.raises(ValueError, match="`vit` is the old name of `model`: set one, found both"):
+        ImageClassificationTask(model=TINY, vit=TINY)

@@ -173,28 +173,32 @@ class LastLayerOutputs(torch.nn.Module):
 class DetectionTask(DetectorTask):
     """DETR (detr.py) trained with its set loss, DN-DETR's reconstruction loss added when configured."""
 
-    def __init__(self, detr: DETRConfig | None = None, optimizer: OptimizerConfig | None = None,
+    renamed_hparams = {"detr": "model"}
+
+    def __init__(self, model: DETRConfig | None = None, optimizer: OptimizerConfig | None = None,
                  backbone_lr_scale: float = 0.1,  # DETR trains its backbone at a tenth of the rate
                  score_threshold: float = 0.5,  # predict: the detections drawn in the pictures
                  export_size: tuple[int, int] = (384, 512),  # export: the (height, width) of the exported graph
-                 init_from: str | None = None, finetune: FinetuneConfig | None = None):
+                 init_from: str | None = None, finetune: FinetuneConfig | None = None,
+                 detr: DETRConfig | None = None):
+        """detr: the old name of `model` (releases up to 0.1.0), read with a deprecation message."""
         super().__init__(optimizer, backbone_lr_scale=backbone_lr_scale, score_threshold=score_threshold,
                          export_size=export_size, init_from=init_from, finetune=finetune)
-        self.detr_config = detr or DETRConfig()
-        self.num_classes = self.detr_config.num_classes
+        self.model_config = self.renamed_argument("model", model, "detr", detr) or DETRConfig()
+        self.num_classes = self.model_config.num_classes
         self.scores = f"{self.num_classes} + 1 (softmax: class scores and no-object)"
-        self.model = DETR(self.detr_config)
+        self.model = DETR(self.model_config)
 
     def losses(self, images: Tensor, padding: Tensor, targets: list[dict[str, Tensor]], train: bool
                ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
         denoised = None
-        if train and self.detr_config.denoising_groups:
+        if train and self.model_config.denoising_groups:
             logits, boxes, denoised = self.model.forward_denoising(images, padding, targets)
         else:
             logits, boxes = self.model(images, padding)
-        terms = detr_loss(logits, boxes, targets, self.detr_config.loss)
+        terms = detr_loss(logits, boxes, targets, self.model_config.loss)
         if denoised is not None:
-            terms["denoising"] = denoising_loss(*denoised, self.detr_config.loss)["total"]
+            terms["denoising"] = denoising_loss(*denoised, self.model_config.loss)["total"]
             terms["total"] = terms["total"] + terms["denoising"]
         sizes = torch.stack([t["orig_size"] for t in targets])
         return terms, detections(logits[-1], boxes[-1], sizes)
@@ -207,18 +211,22 @@ class DetectionTask(DetectorTask):
 class DeformableDetectionTask(DetectorTask):
     """Deformable DETR with DINO's training (deformable_detr.py) on a multi-scale, ImageNet-pre-trained backbone."""
 
-    def __init__(self, detector: DeformableDETRConfig | None = None, optimizer: OptimizerConfig | None = None,
+    renamed_hparams = {"detector": "model"}
+
+    def __init__(self, model: DeformableDETRConfig | None = None, optimizer: OptimizerConfig | None = None,
                  # Deformable DETR and DINO train the backbone and the sampling offsets at a tenth of the rate
                  backbone_lr_scale: float = 0.1,
                  score_threshold: float = 0.3,  # predict: the detections drawn in the pictures
                  export_size: tuple[int, int] = (384, 512),  # export: the (height, width) of the exported graph
-                 init_from: str | None = None, finetune: FinetuneConfig | None = None):
+                 init_from: str | None = None, finetune: FinetuneConfig | None = None,
+                 detector: DeformableDETRConfig | None = None):
+        """detector: the old name of `model` (releases up to 0.1.0), read with a deprecation message."""
         super().__init__(optimizer, backbone_lr_scale=backbone_lr_scale, score_threshold=score_threshold,
                          export_size=export_size, init_from=init_from, finetune=finetune)
-        self.detector_config = detector or DeformableDETRConfig()
-        self.num_classes = self.detector_config.num_classes
+        self.model_config = self.renamed_argument("model", model, "detector", detector) or DeformableDETRConfig()
+        self.num_classes = self.model_config.num_classes
         self.scores = f"{self.num_classes} (sigmoid: class scores)"
-        self.model = DeformableDETR(self.detector_config)
+        self.model = DeformableDETR(self.model_config)
 
     def slow_parameters(self) -> set[int]:
         """The backbone's and the deformable attentions' sampling offsets (Deformable DETR's and DINO's
@@ -229,7 +237,7 @@ class DeformableDetectionTask(DetectorTask):
     def losses(self, images: Tensor, padding: Tensor, targets: list[dict[str, Tensor]], train: bool
                ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
         out = self.model(images, padding, targets if train else None)
-        terms = detection_loss(out, targets, self.detector_config)
+        terms = detection_loss(out, targets, self.model_config)
         sizes = torch.stack([t["orig_size"] for t in targets])
         return terms, top_detections(out.logits[-1], out.boxes[-1], sizes)
 
