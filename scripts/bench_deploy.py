@@ -24,7 +24,8 @@ metric_onnx_fp32, metric_int8, latency_ms ({runtime: {b1, b32}}), latency_ratio_
 / onnxruntime int8), latency_ratio_b1_onnx and latency_ratio_b32_onnx (onnxruntime fp32 / int8: quantization alone),
 size_mb_fp32, size_mb_int8, size_mb_checkpoint; distillation: {domain: {teacher, student_alone,
 student_distilled, student_distilled_selected (means), their _std and _runs, recipe, recipe_selected}};
-distillation_selection: the candidates' validation figures. --quick: a few batches of everything (a check of the script).
+distillation_selection: the candidates' validation figures. --quick: a few batches of everything, the first seed
+and two recipe candidates only (a check of the script).
 """
 
 from __future__ import annotations
@@ -219,6 +220,7 @@ def select_recipe(domain: str, out: Path, quick: bool, reuse: bool, jobs: int) -
     config = CONFIGS / STUDENTS[domain][0]
     distill = read_student_distill(domain)
     candidates = list(dict.fromkeys([(distill["temperature"], distill["weight"]), *GRID[domain]]))
+    candidates = candidates[:2] if quick else candidates  # quick: the selection's code path, not its grid
     metric, over_epochs, best = VALIDATION[domain]
 
     def fit(recipe: tuple[float, float]) -> float:
@@ -268,6 +270,8 @@ def main() -> None:
     args = parser.parse_args()
     os.chdir(ROOT)  # the configs' data paths are relative to the repository
     torch.set_num_threads(1)
+    if args.quick:  # every code path once: one seed
+        args.seeds = args.seeds[:1]
     figures: dict = {"quick": args.quick, "seeds": args.seeds, "threads": 1}
     if "speech" in args.domains:
         ensure_speech_corpus(args.out)

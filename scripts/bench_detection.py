@@ -22,8 +22,8 @@ Parts (each run recorded in DIR; --reuse reads a finished one instead of rerunni
 - latency: batch 1 on one thread, a val image at 384×512: ours eager, ours through ONNX (polyformer's export,
   onnxruntime) and the peer eager, alternating, medians of 20; ONNX's largest |Δ| to eager on that image.
 Every part also reports the deformable attention against Hugging Face's DeformableDetrMultiscaleDeformableAttention
-and Swin against timm (copied weights, largest |Δ|). --quick: a few batches of everything (checks the script, not a
-result).
+and Swin against timm (copied weights, largest |Δ|). --quick: a few batches of everything, the first ablation row and
+seed only (checks the script, not a result).
 
 --json keys: val_map50, val_map, val_map50_last, val_map_last, train_minutes, checkpoint, config (ours, pre-trained);
 peer_val_map50, peer_val_map, peer_val_map50_last, peer_val_map_last, peer_minutes (and peer_epochs, peer_steps,
@@ -323,6 +323,8 @@ def main() -> None:
     print(f"deformable attention vs Hugging Face: max |Δ| {figures['deform_attn_max_abs_diff']:.2e}; "
           f"Swin vs timm: {figures['swin_timm_max_abs_diff']:.2e}", flush=True)
     out, quick, reuse = args.out, args.quick, args.reuse
+    if quick:  # every code path once: the first ablation row and seed
+        args.rows, args.seeds = args.rows[:1], args.seeds[:1]
     if "pair" in args.parts:
         figures.update(pair(out, "deformable_detr_bccd", [], args.minutes, quick, reuse, pretrained=True))
         figures["params"] = parameters(out, "deformable_detr_bccd")
