@@ -15,14 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from polyformer.data import PROJECT_ROOT, LengthBatchSampler, make_loader, shared_data_dir
+from polyformer.data import PROJECT_ROOT, LengthBatchSampler, SplitDataModule, make_loader, shared_data_dir
 from polyformer.streaming import StreamConfig, StreamSource, open_stream, stream_loader
 from polyformer.domains.longrange import listops, pathfinder
 
@@ -87,7 +86,7 @@ class LoaderConfig:
                              f"{self.max_tokens}")
 
 
-class SequenceDataModule(L.LightningDataModule):
+class SequenceDataModule(SplitDataModule):
     """Train / val / test SequenceDatasets behind the core's seeded loaders; subclasses fill `self.splits` in
     `read(stage)`. With `stream` set, the splits are read from the litdata chunks `polyformer stream` wrote of them
     instead (fixed batches of `stream.batch_size`, default `loader.batch_size`)."""
@@ -127,7 +126,7 @@ class SequenceDataModule(L.LightningDataModule):
     def stream_meta(self) -> dict:
         return {"vocab_size": self.vocab_size, "num_classes": self.num_classes, "max_len": self.max_len}
 
-    def _loader(self, split: str, train: bool):
+    def split_loader(self, split: str, train: bool):
         if split not in self.splits:
             raise ValueError(f"{type(self).__name__} has no split {split!r} (it has {sorted(self.splits)})")
         c, data = self.loader, self.splits[split]
@@ -141,15 +140,6 @@ class SequenceDataModule(L.LightningDataModule):
             return make_loader(data, batch_sampler=sampler, num_workers=c.num_workers, collate_fn=collate)
         return make_loader(data, batch_size=c.batch_size if train else c.eval_batch_size or c.batch_size,
                            shuffle=train, num_workers=c.num_workers, collate_fn=collate)
-
-    def train_dataloader(self):
-        return self._loader("train", True)
-
-    def val_dataloader(self):
-        return self._loader("val", False)
-
-    def test_dataloader(self):
-        return self._loader("test", False)
 
     def describe(self) -> str:
         return ", ".join(f"{split} {len(data)}" for split, data in self.splits.items())

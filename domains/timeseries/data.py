@@ -20,14 +20,13 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from polyformer.data import fetch, make_loader
+from polyformer.data import SplitDataModule, fetch, make_loader
 
 Features = Literal["M", "S"]  # M: every channel in, every channel out; S: the target channel only
 SplitKind = Literal["auto", "etth", "ettm", "ratio"]
@@ -157,7 +156,7 @@ class WindowDataset(Dataset):
         return x, self.values[i + self.lookback : i + self.lookback + self.horizon]
 
 
-class ForecastDataModule(L.LightningDataModule):
+class ForecastDataModule(SplitDataModule):
     """Standard splits, a train-only scaler and windows of a table; subclasses say where the table comes from."""
 
     def __init__(
@@ -238,18 +237,11 @@ class ForecastDataModule(L.LightningDataModule):
     def num_channels(self) -> int:
         return len(self.channels)
 
-    def train_dataloader(self):
-        return make_loader(self.datasets["train"], batch_size=self.batch_size, shuffle=True,
-                           num_workers=self.num_workers, drop_last=True)
-
-    def val_dataloader(self):
-        return make_loader(self.datasets["val"], batch_size=self.eval_batch_size, shuffle=False,
-                           num_workers=self.num_workers)
-
-    def test_dataloader(self):
-        # every test window is kept (PatchTST's code drops the last partial batch, which changes the figure)
-        return make_loader(self.datasets["test"], batch_size=self.eval_batch_size, shuffle=False,
-                           num_workers=self.num_workers, drop_last=False)
+    def split_loader(self, split: str, train: bool):
+        # training drops its last partial batch; every validation and test window is kept (PatchTST's code drops
+        # the last partial test batch, which changes the figure)
+        return make_loader(self.datasets[split], batch_size=self.batch_size if train else self.eval_batch_size,
+                           shuffle=train, num_workers=self.num_workers, drop_last=train)
 
 
 # The four ETT files at a fixed commit of the ETDataset repository (Zhou et al.), checked by their git blob ids.

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from polyformer.data import fetch_and_extract, make_loader, shared_data_dir
+from polyformer.data import SplitDataModule, fetch_and_extract, make_loader, shared_data_dir
 from polyformer.streaming import StreamConfig, StreamSource, open_stream, stream_loader
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ class MixupConfig:
     label_smoothing: float = 0.1
 
 
-class ImageClassificationDataModule(L.LightningDataModule):
+class ImageClassificationDataModule(SplitDataModule):
     """Base of the family: subclasses build `make_splits()` → {"train", "val", "test"} datasets and set
     `num_classes`, `in_chans` and `img_size`; loaders, Mixup/CutMix and the batch contract are shared here."""
 
@@ -80,7 +79,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
                                switch_prob=m.switch_prob, label_smoothing=m.label_smoothing,
                                num_classes=self.num_classes)
 
-    def loader(self, split: str, train: bool):
+    def split_loader(self, split: str, train: bool):
         batch_size = self.batch_size if train else self.eval_batch_size
         if self.stream is not None:  # a StreamingDataset (shuffled per epoch if it is the training split)
             return stream_loader(self.splits[split], batch_size=self.stream.batch_size or batch_size,
@@ -88,15 +87,6 @@ class ImageClassificationDataModule(L.LightningDataModule):
         # Mixup pairs each sample with its mirror in the batch, so it needs even, full batches
         return make_loader(self.splits[split], batch_size=batch_size, shuffle=train, num_workers=self.num_workers,
                            drop_last=train and self.mixup is not None)
-
-    def train_dataloader(self):
-        return self.loader("train", True)
-
-    def val_dataloader(self):
-        return self.loader("val", False)
-
-    def test_dataloader(self):
-        return self.loader("test", False)
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         if self.mixup is not None and self.trainer is not None and self.trainer.training:

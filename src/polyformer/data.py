@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence, Sized
 from pathlib import Path
 
+import lightning as L
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
@@ -87,6 +88,23 @@ def fetch_and_extract(url: str, checksum: str, into: str | Path) -> None:
 def global_seed() -> int:
     """The seed Lightning's seed_everything set (LightningCLI's `seed_everything`), 0 when none was set."""
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+class SplitDataModule(L.LightningDataModule):
+    """A data module whose train, validation and test loaders differ by split alone: a subclass implements
+    `split_loader(split, train)` (train: the training split, shuffled; the others in order)."""
+
+    def split_loader(self, split: str, train: bool) -> DataLoader:
+        raise NotImplementedError(f"{type(self).__name__} must implement split_loader(split, train)")
+
+    def train_dataloader(self) -> DataLoader:
+        return self.split_loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.split_loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.split_loader("test", False)
 
 
 def loader_options(seed: int | None = None) -> dict:

@@ -6,19 +6,18 @@ a small test that attention, positions and training work together. Used by the c
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from polyformer.data import make_loader
+from polyformer.data import SplitDataModule, make_loader
 from polyformer.finetune import FinetuneConfig
 from polyformer.transformer import TransformerConfig, TransformerEncoder
 from polyformer.training import OptimizerConfig, PolyformerTask
 
 
-class SortingDataModule(L.LightningDataModule):
+class SortingDataModule(SplitDataModule):
     """Random sequences of `length` symbols from a vocabulary of `vocab`, fixed per split by `seed`."""
 
     def __init__(self, length: int = 12, vocab: int = 10, train_size: int = 8192, val_size: int = 1024,
@@ -40,14 +39,8 @@ class SortingDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.datasets = {name: self.split(name) for name in self.sizes}
 
-    def train_dataloader(self):
-        return make_loader(self.datasets["train"], batch_size=self.batch_size, shuffle=True)
-
-    def val_dataloader(self):
-        return make_loader(self.datasets["val"], batch_size=self.batch_size, shuffle=False)
-
-    def test_dataloader(self):
-        return make_loader(self.datasets["test"], batch_size=self.batch_size, shuffle=False)
+    def split_loader(self, split: str, train: bool):
+        return make_loader(self.datasets[split], batch_size=self.batch_size, shuffle=train)
 
 
 class SequenceTagger(nn.Module):

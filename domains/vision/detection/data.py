@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,7 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert
 from torchvision.transforms import v2
 
-from polyformer.data import make_loader, shared_data_dir
+from polyformer.data import SplitDataModule, make_loader, shared_data_dir
 from polyformer.streaming import StreamConfig, StreamSource, open_stream, stream_loader
 from polyformer.domains.vision.data import load_rgb
 
@@ -279,7 +278,7 @@ def pad_batch(items: list[tuple[Tensor, dict[str, Tensor]]], size_divisor: int =
     return images, padding, [target for _, target in items]
 
 
-class VOCDetectionDataModule(L.LightningDataModule):
+class VOCDetectionDataModule(SplitDataModule):
     """Train / val / test splits of a Pascal VOC-layout folder (default: the shared BCCD blood-cell images), or of
     COCO's layout with `layout: coco`."""
 
@@ -353,7 +352,7 @@ class VOCDetectionDataModule(L.LightningDataModule):
         return {split: StreamSource(DETECTION_STREAM, list(enumerate(annotations)), encode_annotation,
                                     {"classes": self.classes})}
 
-    def loader(self, name: str, train: bool):
+    def split_loader(self, name: str, train: bool):
         batch_size = self.batch_size if train else self.eval_batch_size
         if self.stream is not None:
             return stream_loader(self.datasets[name], batch_size=self.stream.batch_size or batch_size,
@@ -361,17 +360,8 @@ class VOCDetectionDataModule(L.LightningDataModule):
         return make_loader(self.datasets[name], batch_size=batch_size, shuffle=train, num_workers=self.num_workers,
                            drop_last=False, collate_fn=pad_batch)
 
-    def train_dataloader(self):
-        return self.loader("train", True)
-
-    def val_dataloader(self):
-        return self.loader("val", False)
-
-    def test_dataloader(self):
-        return self.loader("test", False)
-
     def predict_dataloader(self):
         if self.stream is not None:  # predictions name each image's file: they are written from the folders
             raise ValueError(f"predict writes each image's file name with its detections: run it on the folder "
                              f"layout (without stream), found stream {self.stream.uri}")
-        return self.loader("test", False)
+        return self.split_loader("test", False)
