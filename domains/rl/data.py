@@ -321,3 +321,8 @@ class OfflineRLDataModule(L.LightningDataModule):
             return []
         return make_loader(SegmentDataset(self.val_episodes, self.segment), batch_size=self.batch_size,
                            shuffle=False, num_workers=self.num_workers)
+
+    def test_dataloader(self):
+        """Offline RL is tested in its environment, not on data: one placeholder batch, on which the task runs its
+        rollouts (OfflineRLTask.test_step)."""
+        return make_loader([0], batch_size=1)

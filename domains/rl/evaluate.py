@@ -4,8 +4,12 @@ The Decision Transformer is told a target return R_0; after each reward r_t the 
 becomes R_{t+1} = R_t − r_t (the DT paper's protocol). All episodes of all targets run as one batch, in lockstep:
 episode i of every target resets with seed `seed + i`, so targets are compared on the same starts.
 
-    python -m polyformer.domains.rl.evaluate runs/rl/dt_cartpole/version_0/checkpoints/last.ckpt \
-        --targets 50 100 200 300 400 500 --episodes 20 --json eval.json
+    polyformer test -c configs/rl/dt_cartpole.yaml --ckpt_path runs/rl/dt_cartpole/version_0/checkpoints/last.ckpt \
+        --model.init_args.evaluation.targets='[50, 100, 200, 300, 400, 500]' --model.init_args.evaluation.episodes=20
+
+(`OfflineRLTask.test_step`; the table on stdout, eval.json in the test run's folder, test/<target>/return_mean in its
+metrics). `python -m polyformer.domains.rl.evaluate CKPT --targets ...` does the same without a config; it is
+deprecated and goes in the next release.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -245,6 +250,11 @@ def format_rows(name: str, rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Deprecated (one more release): `polyformer test -c <config> --ckpt_path <ckpt>
+    --model.init_args.evaluation.targets=[...]` evaluates a checkpoint the way every domain is tested."""
+    warnings.warn("python -m polyformer.domains.rl.evaluate is deprecated and will be removed: run `polyformer test -c "
+                  "<config> --ckpt_path <ckpt>` (--model.init_args.evaluation.targets / episodes / seed / sample)",
+                  DeprecationWarning, stacklevel=2)
     parser = argparse.ArgumentParser(description="Evaluate a DT or BC checkpoint in its gymnasium environment.")
     parser.add_argument("checkpoint")
     parser.add_argument("--targets", type=float, nargs="+", help="target returns (default: the task's config)")

@@ -86,16 +86,38 @@ class OfflineRLTask(PolyformerTask):
     def on_fit_end(self) -> None:
         if self.evaluation is None or not self.trainer.is_global_zero:
             return
-        rows = self.rollouts(self.evaluation)
+        self.report(self.rollouts(self.evaluation))
+
+    def report(self, rows: list[dict]) -> None:
+        """The rollouts' table on stdout and eval.json in the run's folder."""
         print(format_rows(f"{type(self).__name__} on {self.env_id}", rows))
         if self.trainer.log_dir is not None:
             Path(self.trainer.log_dir).mkdir(parents=True, exist_ok=True)
             with open(Path(self.trainer.log_dir) / "eval.json", "w") as f:
                 json.dump(rows, f, indent=1)
 
+    # `polyformer test -c <config> --ckpt_path <ckpt>` evaluates by acting: the rollouts are its test data, and
+    # `--model.init_args.evaluation.*` (targets, episodes, seed, sample) set them, not the checkpoint
+    inference_fields = ("evaluation",)
+
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+        """Rollouts of `evaluation` (the data module's test loader is one placeholder batch): return mean and std per
+        target, as test/<name> or, with several targets, test/target_<R>/<name>; the table and eval.json as after a
+        fit."""
+        rows = self.rollouts(self.evaluation or RolloutConfig())
+        for row in rows:
+            prefix = "test" if len(rows) == 1 else f"test/target_{row['target']:g}"
+            for name in ("return_mean", "return_std", "normalized_mean", "length_mean"):
+                if name in row:
+                    self.log(f"{prefix}/{name}", row[name], batch_size=1)
+        if self.trainer.is_global_zero:
+            self.report(rows)
+
 
 class DecisionTransformerTask(OfflineRLTask):
     """Decision Transformer: loss on the actions only (cross-entropy or MSE), as in the paper."""
+
+    renamed_hparams = {"context": "model.context", "max_ep_len": "model.max_ep_len", "encoder": "model.encoder"}
 
     def __init__(
         self,
@@ -168,6 +190,8 @@ class DecisionTransformerTask(OfflineRLTask):
 
 class BCTask(OfflineRLTask):
     """Behaviour cloning: the MLP imitates every action of the same segments the DT trains on."""
+
+    renamed_hparams = {"hidden": "model.hidden", "depth": "model.depth", "dropout": "model.dropout"}
 
     def __init__(
         self,

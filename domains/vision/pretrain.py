@@ -27,6 +27,8 @@ from polyformer.training import OptimizerConfig
 class MAEPretrainTask(MaskedPretrainingTask):
     """A ViT encoder (model.num_classes = 0) pre-trained by masked autoencoding of its patches."""
 
+    renamed_hparams = {"vit": "model"}
+
     def __init__(self, model: ViTConfig | None = None, norm_pix_loss: bool = True,
                  pretraining: MaskedModelingConfig | None = None, optimizer: OptimizerConfig | None = None,
                  vit: ViTConfig | None = None):

@@ -8,8 +8,9 @@ through these functions.
   `replace_folder` (the same for a sharded checkpoint's folder, by renames), `save_weights` (a weights-only copy of a Lightning checkpoint, a sharded one included: `polyformer consolidate`).
 - Sharded checkpoints (a sharded run's folder of `torch.distributed.checkpoint` shards and Lightning's `meta.pt`):
   `is_sharded`, `sharded_ranks` (how many ranks wrote it; a missing shard refused naming it), `load_sharded`.
-- Classes and configs: `task_class` (the task class a checkpoint records), `import_class`, and `to_plain` /
-  `from_plain`, the round trip of dataclass configs through the plain data a weights-only checkpoint may hold.
+- Classes and configs: `task_class` (the task class a checkpoint records), `import_class`, `to_plain` /
+  `from_plain`, the round trip of dataclass configs through the plain data a weights-only checkpoint may hold, and
+  `rename_hparams` (hyper-parameters of older releases read under their new names).
 """
 
 from __future__ import annotations
@@ -265,6 +266,26 @@ def task_class(checkpoint: Mapping[str, Any], default: type | None = None, *, so
                               f"fit`): give the config it was trained with (-c <config>, whose model.class_path names "
                               f"it)")
     return default
+
+
+def rename_hparams(hparams: Mapping[str, Any], renamed: Mapping[str, str]) -> dict[str, Any]:
+    """Plain hyper-parameters with names a task has renamed read under the new ones: `renamed` maps an old top-level
+    name to its new dotted path ("vit" → "model", "context" → "model.context"); a value already at the new path
+    stays."""
+    out = dict(hparams)
+    for old, new in renamed.items():
+        value = out.pop(old, None)
+        if value is None:
+            continue
+        *parents, leaf = new.split(".")
+        node = out
+        for key in parents:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        if node.get(leaf) is None:
+            node[leaf] = value
+    return out
 
 
 def to_plain(value: Any) -> Any:

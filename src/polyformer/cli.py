@@ -43,8 +43,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from polyformer.checkpoint import (CheckpointError, import_class, is_sharded, load_checkpoint, load_weights,
-                                   save_weights, sharded_ranks)
+from polyformer.checkpoint import (CLASS_PATH, CheckpointError, import_class, is_sharded, load_checkpoint,
+                                   load_weights, rename_hparams, save_weights, sharded_ranks)
 from polyformer.deploy import ExportError, max_abs_diff
 from polyformer.faults import AtomicCheckpointIO, NonFiniteError, RankFaults, StopOnNonFinite, share_rank_faults
 from polyformer.distributed import ShardedStrategy, ShardingConfig, wait_for_master
@@ -171,13 +171,34 @@ class PolyformerCLI(LightningCLI):
         self.refuse_unreadable_checkpoint(self.subcommand_config().get("ckpt_path"))
 
     def _parse_ckpt_path(self) -> None:
-        """LightningCLI lays an explicit --ckpt_path's hyper-parameters over the config and the command line; the
-        task's `inference_fields` keep the values the config and command line gave."""
-        model = self.subcommand_config().get("model")
+        """As LightningCLI: an explicit --ckpt_path's hyper-parameters are laid over the config and the command line.
+        Besides: names the task has renamed since (its `renamed_hparams`) are read under the new ones, and the config's
+        own old names cleared (the checkpoint's values stand either way), so that old checkpoints and new configs mix;
+        and the task's `inference_fields` keep the values the config and command line gave."""
+        config = self.subcommand_config()
+        model = config.get("model")
         init_args = model.get("init_args") if model is not None and model.get("class_path") else None
         fields = import_class(model["class_path"]).inference_fields if init_args is not None else ()
         given = {name: init_args.get(name) for name in fields if name in init_args}
-        super()._parse_ckpt_path()
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            hparams = dict(load_checkpoint(ckpt_path).get("hyper_parameters") or {})
+            hparams.pop("_instantiator", None)
+            class_path = hparams.pop(CLASS_PATH, None)
+            task = import_class(class_path or model["class_path"]) if (class_path or init_args is not None) else None
+            renamed = getattr(task, "renamed_hparams", {})
+            hparams = rename_hparams(hparams, renamed)
+            if init_args is not None:
+                for old in renamed:
+                    if old in init_args:
+                        init_args[old] = None
+            if hparams:
+                parsed = {"class_path": class_path, "dict_kwargs": hparams} if class_path else hparams
+                try:
+                    self.config = self.parser.parse_object({self.config.subcommand: {"model": parsed}}, self.config)
+                except SystemExit:
+                    sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+                    raise
         init_args = self.subcommand_config()["model"].get("init_args") if given else None
         for name, value in given.items():
             init_args[name] = value

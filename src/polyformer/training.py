@@ -26,8 +26,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from polyformer.checkpoint import (CLASS_PATH, from_plain, load_checkpoint, load_weights, read_pretrained, task_class,
-                                   to_plain)
+from polyformer.checkpoint import (CLASS_PATH, from_plain, load_checkpoint, load_weights, read_pretrained,
+                                   rename_hparams, task_class, to_plain)
 from polyformer.data import global_seed
 from polyformer.deploy import Exportable
 from polyformer.distributed import ShardedStrategy, ShardingConfig, checkpoint_activations, compile_blocks, shard
@@ -114,8 +114,9 @@ class PolyformerTask(L.LightningModule):
         # collects the init arguments of the whole subclass chain; stored as plain data in checkpoints
         self.save_hyperparameters()
 
-    # hyper-parameters renamed since releases up to 0.1.0, old name → new (e.g. vision's "vit" → "model"): the task
-    # still takes the old argument (renamed_argument), and the old name in a pre-trained checkpoint is read as the new
+    # hyper-parameters renamed since releases up to 0.1.0, old name → new dotted path (vision's "vit" → "model", RL's
+    # "context" → "model.context"): the task still takes the old argument (renamed_argument), and a checkpoint's old
+    # names are read as the new ones (checkpoint.rename_hparams: init_from, `polyformer test --ckpt_path`)
     renamed_hparams: dict[str, str] = {}
 
     def renamed_argument(self, new: str, new_value: Any, old: str, old_value: Any) -> Any:
@@ -158,7 +159,7 @@ class PolyformerTask(L.LightningModule):
     def load_pretrained(self, source: str) -> None:
         """Initialises the task from `source` by name, prints what was loaded, missing and unexpected."""
         state, hyper_parameters = self.pretrained(source)
-        hyper_parameters = {self.renamed_hparams.get(key, key): value for key, value in hyper_parameters.items()}
+        hyper_parameters = rename_hparams(hyper_parameters, self.renamed_hparams)
         check_architecture(hyper_parameters, dict(self.hparams), self.architecture_fields, source)
         report = load_matching(self, state, source=source, exclude=self.finetune.exclude)
         parameters = dict(self.named_parameters())

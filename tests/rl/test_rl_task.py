@@ -119,3 +119,19 @@ def test_the_old_flat_architecture_arguments_are_read_with_a_deprecation_message
         assert BCTask(hidden=8).model_config == BehaviourCloningConfig(hidden=8)
     with pytest.raises(ValueError, match="context are the old, flat form of `model`: set model.context, found both"):
         DecisionTransformerTask(model=DecisionTransformerConfig(), context=4)
+
+
+def test_polyformer_test_acts_with_a_committed_checkpoint_and_the_evaluation_the_command_line_gives(tiny_root,
+                                                                                                     tmp_path):
+    """`polyformer test -c <config> --ckpt_path <ckpt>` runs the rollouts: the config's and the command line's
+    evaluation (an inference field), the checkpoint's architecture (recorded under the old flat names) and weights."""
+    cli = PolyformerCLI(args=[
+        "test", "-c", str(ROOT / "configs/rl/dt_cartpole.yaml"),
+        "--ckpt_path", str(ROOT / "weights/rl/dt_cartpole.ckpt"), "--run.root", str(tmp_path), "--data.init_args.root", str(tiny_root),
+        "--data.init_args.dataset", "test/cartpole/tiny-v0", "--trainer.enable_progress_bar", "false",
+        "--model.init_args.evaluation.targets", "[500]", "--model.init_args.evaluation.episodes", "2",
+        "--model.init_args.evaluation.sample", "false"])
+    metrics = cli.trainer.callback_metrics
+    assert set(metrics) >= {"test/return_mean", "test/return_std", "test/length_mean"}
+    assert float(metrics["test/return_mean"]) == 500.0  # the committed DT balances for the whole episode at R = 500
+    assert json.loads((Path(cli.trainer.log_dir) / "eval.json").read_text())[0]["episodes"] == 2
