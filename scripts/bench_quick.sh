@@ -16,7 +16,8 @@ for name in "${names[@]}"; do
   echo "=== $name --quick"
   t0=$(date +%s)
   where=()  # every runner-based benchmark takes --out; the others write nothing but their JSON
-  if python "scripts/$name.py" --help | grep -q -- "--out"; then where=(--out "$out/$name"); fi
+  usage=$(python "scripts/$name.py" --help | sed -n '/^usage:/,/^$/p')  # the options, not the description's text
+  if grep -q -- "\[--out " <<<"$usage"; then where=(--out "$out/$name"); fi
   if ! python "scripts/$name.py" --quick "${where[@]}" --json "$out/$name.json" >"$out/$name.log" 2>&1; then
     tail -40 "$out/$name.log"
     echo "bench_quick: $name --quick failed (its output above)"

@@ -28,8 +28,10 @@ from polyformer.cli import newest_version, version_numbers
 from polyformer.data import PROJECT_ROOT
 
 # a few batches of everything: what a benchmark's --quick adds to each run (a check of the script, not a result)
+# (every step logged, so that the metrics a benchmark reads exist after 3 steps: a config's log_every_n_steps of 100
+# left HalfCheetah's quick fits without any)
 QUICK = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
-         "--trainer.limit_test_batches=2", "--trainer.check_val_every_n_epoch=1"]
+         "--trainer.limit_test_batches=2", "--trainer.check_val_every_n_epoch=1", "--trainer.log_every_n_steps=1"]
 
 
 class RunError(RuntimeError):
