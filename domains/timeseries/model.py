@@ -73,7 +73,7 @@ class PatchTSTConfig:
     padding: Literal["end", "none"] = "end"  # end: repeat the last value `stride` times, one more patch
     revin: bool = True  # instance normalisation of each input series
     encoder: TransformerConfig = field(default_factory=_patchtst_encoder)  # max_len is set to the patch count
-    encoder_norm: Literal["core", "batchnorm"] | None = None  # deprecated: set encoder.norm (batchnorm: the reference's)
+    encoder_norm: Literal["core", "batchnorm"] | None = None  # deprecated: set encoder.norm (batchnorm: reference's)
     embed_dropout: float = 0.3  # on the patch embedding, before the encoder
     head_dropout: float = 0.0  # before the flatten head's linear map
 

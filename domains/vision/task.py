@@ -62,7 +62,8 @@ class ImageClassificationTask(PolyformerTask):
         model = self.renamed_argument("model", model, "vit", vit)
         self.model_config = model if model is not None else ViTConfig()
         if distillation is not None and not self.model_config.distilled:
-            raise ValueError("distillation needs a distillation token: set model.distilled=true (found distilled=False)")
+            raise ValueError("distillation needs a distillation token: set model.distilled=true (found "
+                             "distilled=False)")
         if distillation is not None and distill is not None:
             raise ValueError("set one of distillation (DeiT's hard labels through a distillation token) and distill "
                              "(soft targets on the class logits), found both")
@@ -84,7 +85,8 @@ class ImageClassificationTask(PolyformerTask):
                              f"{self.model_config.num_classes}")
         data_chans = getattr(datamodule, "in_chans", None)
         if data_chans is not None and data_chans != self.model_config.in_chans:
-            raise ValueError(f"the data has {data_chans} channels, the model model.in_chans={self.model_config.in_chans}")
+            raise ValueError(f"the data has {data_chans} channels, the model model.in_chans="
+                             f"{self.model_config.in_chans}")
         super().setup(stage)  # init_from
         if stage == "fit" and self.distillation is not None and not self._teacher:
             self._teacher.append(build_teacher(self.distillation.teacher, self.model_config.num_classes))

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from polyformer.attention import AttentionKind, LayerCache, MultiHeadAttention
-from polyformer.layers import (Activation, DropoutMask, DropPath, FeedForward, LayerScale, NormKind, init_linear_weights,
-                               make_norm)
+from polyformer.layers import (Activation, DropoutMask, DropPath, FeedForward, LayerScale, NormKind,
+                               init_linear_weights, make_norm)
 from polyformer.positions import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding
 
 PositionKind = Literal["none", "sinusoidal", "learned", "rope", "alibi"]

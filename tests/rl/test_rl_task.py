@@ -127,7 +127,8 @@ def test_polyformer_test_acts_with_a_committed_checkpoint_and_the_evaluation_the
     evaluation (an inference field), the checkpoint's architecture (recorded under the old flat names) and weights."""
     cli = PolyformerCLI(args=[
         "test", "-c", str(ROOT / "configs/rl/dt_cartpole.yaml"),
-        "--ckpt_path", str(ROOT / "weights/rl/dt_cartpole.ckpt"), "--run.root", str(tmp_path), "--data.init_args.root", str(tiny_root),
+        "--ckpt_path", str(ROOT / "weights/rl/dt_cartpole.ckpt"), "--run.root", str(tmp_path),
+        "--data.init_args.root", str(tiny_root),
         "--data.init_args.dataset", "test/cartpole/tiny-v0", "--trainer.enable_progress_bar", "false",
         "--model.init_args.evaluation.targets", "[500]", "--model.init_args.evaluation.episodes", "2",
         "--model.init_args.evaluation.sample", "false"])
