@@ -8,9 +8,7 @@ gymnasium rollouts when fitting ends if `evaluation` is set: a table on stdout a
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
-from typing import Any
 
 import gymnasium as gym
 import torch
@@ -64,25 +62,6 @@ class OfflineRLTask(PolyformerTask):
     def rollouts(self, config: RolloutConfig) -> list[dict]:
         raise NotImplementedError
 
-    def model_from_flat(self, model: Any, config_type: type, **flat: Any) -> Any:
-        """The architecture `model` (a `config_type`), or one built from the flat arguments that releases up to 0.1.0
-        took instead (e.g. context, max_ep_len, encoder), read for one more release with a deprecation message; the
-        hyper-parameters then record it as `model`."""
-        given = {name: value for name, value in flat.items() if value is not None}
-        if not given:
-            return model if model is not None else config_type()
-        if model is not None:
-            raise ValueError(f"{type(self).__name__}: {', '.join(given)} are the old, flat form of `model`: set "
-                             f"model.{'/'.join(given)}, found both")
-        warnings.warn(f"{type(self).__name__}: the arguments {', '.join(given)} are deprecated and will be removed: "
-                      f"write model.{', model.'.join(given)} (model.init_args.model.* in a config)",
-                      DeprecationWarning, stacklevel=3)
-        model = config_type(**given)
-        for name in flat:
-            self.hparams.pop(name, None)
-        self.hparams["model"] = model
-        return model
-
     def on_fit_end(self) -> None:
         if self.evaluation is None or not self.trainer.is_global_zero:
             return
@@ -134,8 +113,8 @@ class DecisionTransformerTask(OfflineRLTask):
         """context, max_ep_len, encoder: the flat form of `model` (releases up to 0.1.0), read with a deprecation
         message."""
         super().__init__(env_id, evaluation, optimizer, init_from, finetune)
-        c = self.model_config = self.model_from_flat(model, DecisionTransformerConfig, context=context,
-                                                     max_ep_len=max_ep_len, encoder=encoder)
+        c = self.model_config = self.model_argument(model, DecisionTransformerConfig, context=context,
+                                                    max_ep_len=max_ep_len, encoder=encoder)
         if self.max_episode_steps is not None and c.max_ep_len < self.max_episode_steps:
             raise ValueError(f"model.max_ep_len={c.max_ep_len} is shorter than {env_id}'s {self.max_episode_steps} "
                              f"steps")
@@ -207,8 +186,8 @@ class BCTask(OfflineRLTask):
     ):
         """hidden, depth, dropout: the flat form of `model` (releases up to 0.1.0), read with a deprecation message."""
         super().__init__(env_id, evaluation, optimizer, init_from, finetune)
-        c = self.model_config = self.model_from_flat(model, BehaviourCloningConfig, hidden=hidden, depth=depth,
-                                                     dropout=dropout)
+        c = self.model_config = self.model_argument(model, BehaviourCloningConfig, hidden=hidden, depth=depth,
+                                                    dropout=dropout)
         self.model = BehaviourCloning(self.state_dim, self.action_dim, discrete=self.discrete, hidden=c.hidden,
                                       depth=c.depth, dropout=c.dropout)
 

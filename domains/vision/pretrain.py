@@ -13,6 +13,7 @@ Shapes: b batch, c channels, (gh p) (gw q) image of gh·gw patches, n patches, k
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from einops import rearrange
@@ -34,8 +35,7 @@ class MAEPretrainTask(MaskedPretrainingTask):
                  vit: ViTConfig | None = None):
         """vit: the old name of `model` (releases up to 0.1.0), read with a deprecation message."""
         super().__init__(pretraining, optimizer)
-        model = self.renamed_argument("model", model, "vit", vit)
-        self.model_config = model if model is not None else ViTConfig(num_classes=0)
+        self.model_config = self.model_argument(model, partial(ViTConfig, num_classes=0), vit=vit)
         if self.model_config.num_classes != 0:
             raise ValueError(f"MAE pre-trains the encoder alone: expected model.num_classes=0, found "
                              f"{self.model_config.num_classes}")

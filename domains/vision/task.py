@@ -59,8 +59,7 @@ class ImageClassificationTask(PolyformerTask):
                  vit: ViTConfig | None = None):
         """vit: the old name of `model` (releases up to 0.1.0), read with a deprecation message."""
         super().__init__(optimizer, init_from=init_from, finetune=finetune)
-        model = self.renamed_argument("model", model, "vit", vit)
-        self.model_config = model if model is not None else ViTConfig()
+        self.model_config = self.model_argument(model, ViTConfig, vit=vit)
         if distillation is not None and not self.model_config.distilled:
             raise ValueError("distillation needs a distillation token: set model.distilled=true (found "
                              "distilled=False)")

@@ -11,7 +11,7 @@ import math
 import random
 import typing
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,21 +115,39 @@ class PolyformerTask(L.LightningModule):
         self.save_hyperparameters()
 
     # hyper-parameters renamed since releases up to 0.1.0, old name → new dotted path (vision's "vit" → "model", RL's
-    # "context" → "model.context"): the task still takes the old argument (renamed_argument), and a checkpoint's old
+    # "context" → "model.context"): the task still takes the old arguments (model_argument), and a checkpoint's old
     # names are read as the new ones (checkpoint.rename_hparams: init_from, `polyformer test --ckpt_path`)
     renamed_hparams: dict[str, str] = {}
 
-    def renamed_argument(self, new: str, new_value: Any, old: str, old_value: Any) -> Any:
-        """The value of argument `new`, also accepted under its old name `old` (configs and checkpoints of releases up
-        to 0.1.0) for one more release, with a deprecation message; the hyper-parameters then record it as `new`."""
-        if old_value is None:
-            return new_value
-        if new_value is not None:
-            raise ValueError(f"{type(self).__name__}: `{old}` is the old name of `{new}`: set one, found both")
-        warnings.warn(f"{type(self).__name__}: the argument `{old}` is deprecated and will be removed: write `{new}` "
-                      f"(model.init_args.{new} in a config)", DeprecationWarning, stacklevel=3)
-        self.hparams[new] = self.hparams.pop(old, old_value)
-        return old_value
+    def model_argument(self, model: Any, config_type: Callable[..., Any], **old_values: Any) -> Any:
+        """The task's `model` config, or the one its arguments of releases up to 0.1.0 give, read for one more release
+        with a deprecation message: the whole config under an old name (`renamed_hparams` maps it to "model") or its
+        fields given flat (mapped to "model.<field>", built with config_type); config_type() when none is given. The
+        hyper-parameters then record it as `model`."""
+        given = {old: value for old, value in old_values.items() if value is not None}
+        if not given:
+            return model if model is not None else config_type()
+        name = type(self).__name__
+        whole = [old for old in given if self.renamed_hparams[old] == "model"]
+        if whole:
+            old = whole[0]
+            if model is not None:
+                raise ValueError(f"{name}: `{old}` is the old name of `model`: set one, found both")
+            warnings.warn(f"{name}: the argument `{old}` is deprecated and will be removed: write `model` "
+                          f"(model.init_args.model in a config)", DeprecationWarning, stacklevel=3)
+            model = given[old]
+        else:
+            if model is not None:
+                raise ValueError(f"{name}: {', '.join(given)} are the old, flat form of `model`: set "
+                                 f"model.{'/'.join(given)}, found both")
+            warnings.warn(f"{name}: the arguments {', '.join(given)} are deprecated and will be removed: write "
+                          f"model.{', model.'.join(given)} (model.init_args.model.* in a config)",
+                          DeprecationWarning, stacklevel=3)
+            model = config_type(**{self.renamed_hparams[old].removeprefix("model."): v for old, v in given.items()})
+        for old in old_values:
+            self.hparams.pop(old, None)
+        self.hparams["model"] = model
+        return model
 
     # ---- what a domain implements -------------------------------------------------------------------------------
     def step(self, batch: Any, stage: str) -> Tensor:

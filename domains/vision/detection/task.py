@@ -184,7 +184,7 @@ class DetectionTask(DetectorTask):
         """detr: the old name of `model` (releases up to 0.1.0), read with a deprecation message."""
         super().__init__(optimizer, backbone_lr_scale=backbone_lr_scale, score_threshold=score_threshold,
                          export_size=export_size, init_from=init_from, finetune=finetune)
-        self.model_config = self.renamed_argument("model", model, "detr", detr) or DETRConfig()
+        self.model_config = self.model_argument(model, DETRConfig, detr=detr)
         self.num_classes = self.model_config.num_classes
         self.scores = f"{self.num_classes} + 1 (softmax: class scores and no-object)"
         self.model = DETR(self.model_config)
@@ -223,7 +223,7 @@ class DeformableDetectionTask(DetectorTask):
         """detector: the old name of `model` (releases up to 0.1.0), read with a deprecation message."""
         super().__init__(optimizer, backbone_lr_scale=backbone_lr_scale, score_threshold=score_threshold,
                          export_size=export_size, init_from=init_from, finetune=finetune)
-        self.model_config = self.renamed_argument("model", model, "detector", detector) or DeformableDETRConfig()
+        self.model_config = self.model_argument(model, DeformableDETRConfig, detector=detector)
         self.num_classes = self.model_config.num_classes
         self.scores = f"{self.num_classes} (sigmoid: class scores)"
         self.model = DeformableDETR(self.model_config)
