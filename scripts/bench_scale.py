@@ -113,7 +113,7 @@ def batch_size(batch) -> int:
 def streaming(out: Path, quick: bool, repeats: int) -> dict:
     """In-memory (folders, make_loader) against streaming (litdata chunks) loaders, one process, no workers, same
     decoding and transforms, at each domain's training batch: LibriSpeech-sample and BCCD's images."""
-    from polyformer.domains.speech.data import LibriSpeechDataModule
+    from polyformer.domains.speech.data import AudioConfig, LibriSpeechDataModule, SpeechLoaderConfig
     from polyformer.domains.vision.detection.data import VOCDetectionDataModule
     from polyformer.streaming import StreamConfig
 
@@ -123,7 +123,7 @@ def streaming(out: Path, quick: bool, repeats: int) -> dict:
     # the in-memory speech batches hold 80 s of audio (conformer_ctc_tiny_real.yaml): the stream takes as many
     # utterances per batch as they hold on average
     speech = dict(root=str(speech_root), train_splits=["train"], val_splits=["dev"], test_splits=["dev"],
-                  batch_seconds=80.0, max_duration=24.0, num_workers=0)
+                  audio=AudioConfig(max_duration=24.0), loader=SpeechLoaderConfig(batch_seconds=80.0, num_workers=0))
     detection = dict(root=str(bccd), batch_size=4, num_workers=0, skip_bad=True)
     for name, module, settings in (("librispeech", LibriSpeechDataModule, speech),
                                    ("bccd_images", VOCDetectionDataModule, detection)):

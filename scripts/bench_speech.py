@@ -139,7 +139,7 @@ def accuracy(quick: bool, ckpt: str | None, workdir: Path) -> dict:
         run([sys.executable, "scripts/make_synthetic_librispeech.py", "--out", str(corpus), "--train-utterances",
              "60", "--dev", "10", "--test", "20", "--heldout", "20", "--max-words", "8"], logs / "corpus.log")
         overrides = ["--data.init_args.root", str(corpus), "--trainer.max_epochs", "1",
-                     "--data.init_args.stats_utterances", "30"]
+                     "--data.init_args.audio.stats_utterances", "30"]
     else:
         corpus = ROOT / "data" / "synthetic_librispeech"
         if not (corpus / "LibriSpeech" / "train").is_dir():

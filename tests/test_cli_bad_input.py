@@ -73,10 +73,11 @@ OUT_OF_RANGE = {
         "model.init_args.model.encoder.heads": positive_int_bad,
     },
     "speech": {
-        "data.init_args.max_duration": positive_float_bad, "data.init_args.batch_seconds": positive_float_bad,
-        "data.init_args.eval_batch_seconds": positive_float_bad, "data.init_args.sample_rate": positive_int_bad,
-        "data.init_args.num_buckets": positive_int_bad, "data.init_args.stats_utterances": positive_int_bad,
-        "data.init_args.num_workers": st.integers(-100, -1),
+        "data.init_args.audio.max_duration": positive_float_bad, "data.init_args.audio.sample_rate": positive_int_bad,
+        "data.init_args.audio.stats_utterances": positive_int_bad,
+        "data.init_args.loader.batch_seconds": positive_float_bad,
+        "data.init_args.loader.eval_batch_seconds": positive_float_bad,
+        "data.init_args.loader.num_buckets": positive_int_bad, "data.init_args.loader.num_workers": st.integers(-100, -1),
         "model.init_args.model.conformer.kernel_size": st.integers(-50, 50).filter(lambda k: k < 1 or k % 2 == 0),
     },
 }
@@ -99,8 +100,8 @@ TYPED = {
     "rl": {"model.init_args.model.context": int, "model.init_args.evaluation.sample": bool,
            "data.init_args.segment": int, "data.init_args.reward_scale": float},
     "speech": {"model.init_args.tokenizer.kind": "char unigram", "model.init_args.decoding": "greedy beam",
-               "data.init_args.max_duration": float, "data.init_args.num_buckets": int,
-               "data.init_args.skip_bad": bool},
+               "data.init_args.audio.max_duration": float, "data.init_args.loader.num_buckets": int,
+               "data.init_args.audio.skip_bad": bool},
 }
 WORD = st.text("qxzkjvw", min_size=1, max_size=6)  # never a number, a bool or a choice
 

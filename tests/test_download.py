@@ -14,7 +14,7 @@ import pytest
 
 from polyformer.data import fetch, file_checksum, shared_data_dir
 from polyformer.domains.rl.data import OfflineRLDataModule
-from polyformer.domains.speech.data import LibriSpeechDataModule
+from polyformer.domains.speech.data import LibriSpeechDataModule, SpeechLoaderConfig
 from polyformer.domains.timeseries.data import CSVForecastDataModule
 from polyformer.domains.vision.data import CIFARDataModule
 
@@ -82,7 +82,7 @@ def test_librispeech_download_unpacks_a_split_from_a_mirror(tmp_path, serve_fold
     root = tmp_path / "corpus"
     data = LibriSpeechDataModule(root=str(root), train_splits=["dev"], val_splits=["dev"], test_splits=["dev"],
                                  download=True, mirror=serve_folder(tmp_path / "mirror"), checksums={"dev": checksum},
-                                 num_workers=0)
+                                 loader=SpeechLoaderConfig(num_workers=0))
     data.prepare_data()
     assert sorted(p.name for p in root.iterdir()) == ["LibriSpeech"]  # the archive is gone once unpacked
     data.setup("test")
@@ -103,7 +103,7 @@ def test_librispeech_download_checks_openslr_checksums(tmp_path, serve_folder):
 
 
 def test_librispeech_absent_says_how_to_get_it(tmp_path):
-    data = LibriSpeechDataModule(root=str(tmp_path), test_splits=["test-clean"], num_workers=0)
+    data = LibriSpeechDataModule(root=str(tmp_path), test_splits=["test-clean"], loader=SpeechLoaderConfig(num_workers=0))
     with pytest.raises(FileNotFoundError, match="found none; set data.download: true to fetch it .*test-clean.tar.gz"):
         data.setup("test")
 

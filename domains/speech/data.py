@@ -26,6 +26,7 @@ import torchaudio
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from polyformer.checkpoint import renamed_arguments
 from polyformer.data import LengthBatchSampler, fetch_and_extract, make_loader, shared_data_dir
 from polyformer.streaming import StreamConfig, StreamSource, open_stream, stream_loader
 from polyformer.domains.speech.tokens import CharTokenizer
@@ -248,8 +249,51 @@ def collate(items: list[tuple[Tensor, str, str] | None]) -> dict:
             "ids": [u for _, _, u in items]}
 
 
+@dataclass
+class AudioConfig:
+    """How utterances are decoded and which are trained on."""
+
+    sample_rate: int = 16_000
+    max_duration: float = 20.0  # training utterances longer than this (seconds) are dropped, with a count
+    speed_factors: list[float] | None = None  # training speed perturbation, e.g. [0.9, 1.0, 1.1]
+    stats_utterances: int = 500  # training utterances the normalisation statistics are estimated from
+    skip_bad: bool = False  # log and count bad utterances instead of raising
+
+    def __post_init__(self) -> None:
+        if self.speed_factors is not None and (not self.speed_factors or min(self.speed_factors) <= 0):
+            raise ValueError(f"speed_factors must be positive factors, found {self.speed_factors}")
+        for name in ("sample_rate", "max_duration", "stats_utterances"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, found {getattr(self, name)}")
+
+
+@dataclass
+class SpeechLoaderConfig:
+    """Batches of utterances of similar duration (num_buckets duration buckets) capped by padded seconds of audio:
+    the core's LengthBatchSampler, seeded from (seed, epoch)."""
+
+    batch_seconds: float = 200.0  # padded seconds of audio per training batch
+    eval_batch_seconds: float | None = None  # default 2 × batch_seconds
+    num_buckets: int = 10
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("batch_seconds", "eval_batch_seconds", "num_buckets"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, found {value}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, found {self.num_workers}")
+
+
 class LibriSpeechDataModule(L.LightningDataModule):
     """Train / validation / test splits of a LibriSpeech-layout corpus, bucketed and capped by seconds per batch."""
+
+    # the flat arguments of releases up to 0.1.0 → where they live now (read with a deprecation message)
+    renamed_hparams = {**{name: f"audio.{name}" for name in ("sample_rate", "max_duration", "speed_factors",
+                                                                 "stats_utterances", "skip_bad")},
+                         **{name: f"loader.{name}" for name in ("batch_seconds", "eval_batch_seconds", "num_buckets",
+                                                                  "num_workers")}}
 
     def __init__(
         self,
@@ -257,43 +301,41 @@ class LibriSpeechDataModule(L.LightningDataModule):
         train_splits: list[str] | None = None,  # default ["train-clean-100"]
         val_splits: list[str] | None = None,  # default ["dev-clean"]
         test_splits: list[str] | None = None,  # default ["test-clean", "test-other"]; one test loader each
-        max_duration: float = 20.0,  # training utterances longer than this (seconds) are dropped, with a count
-        batch_seconds: float = 200.0,  # padded seconds of audio per training batch
-        eval_batch_seconds: float | None = None,  # default 2 × batch_seconds
-        num_buckets: int = 10,
-        num_workers: int = 2,
-        sample_rate: int = 16_000,
-        skip_bad: bool = False,  # log and count bad utterances instead of raising
+        audio_folders: list[str] | None = None,  # more training audio, without transcripts (self-supervised only)
+        audio: AudioConfig | None = None,
+        loader: SpeechLoaderConfig | None = None,
         download: bool = False,  # fetch missing LibriSpeech splits (GBs): only when asked
         mirror: str = OPENSLR_LIBRISPEECH,  # where <split>.tar.gz archives are fetched from
         checksums: dict[str, str] | None = None,  # split → "<kind>:<hex>", for archives other than openslr's
-        stats_utterances: int = 500,  # training utterances the normalisation statistics are estimated from
         seed: int | None = None,  # batch order seed; default: the run's seed_everything
-        audio_folders: list[str] | None = None,  # more training audio, without transcripts (self-supervised only)
-        speed_factors: list[float] | None = None,  # training speed perturbation, e.g. [0.9, 1.0, 1.1]
         stream: StreamConfig | None = None,  # read the splits `polyformer stream` wrote (batches of stream.batch_size)
+        sample_rate: int | None = None,
+        max_duration: float | None = None,
+        speed_factors: list[float] | None = None,
+        stats_utterances: int | None = None,
+        skip_bad: bool | None = None,
+        batch_seconds: float | None = None,
+        eval_batch_seconds: float | None = None,
+        num_buckets: int | None = None,
+        num_workers: int | None = None,
     ):
+        """sample_rate … num_workers: the flat form of `audio` and `loader` (releases up to 0.1.0), read with a
+        deprecation message."""
         super().__init__()
-        if speed_factors is not None and (not speed_factors or min(speed_factors) <= 0):
-            raise ValueError(f"speed_factors must be positive factors, found {speed_factors}")
-        for field, value in (("max_duration", max_duration), ("batch_seconds", batch_seconds),
-                             ("eval_batch_seconds", eval_batch_seconds), ("sample_rate", sample_rate),
-                             ("num_buckets", num_buckets), ("stats_utterances", stats_utterances)):
-            if value is not None and not value > 0:
-                raise ValueError(f"{field} must be positive, found {value}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, found {num_workers}")
+        old = {"sample_rate": sample_rate, "max_duration": max_duration, "speed_factors": speed_factors,
+               "stats_utterances": stats_utterances, "skip_bad": skip_bad, "batch_seconds": batch_seconds,
+               "eval_batch_seconds": eval_batch_seconds, "num_buckets": num_buckets, "num_workers": num_workers}
+        given = renamed_arguments(type(self).__name__, old, self.renamed_hparams,
+                                  {"audio": audio, "loader": loader},
+                                  {"audio": AudioConfig, "loader": SpeechLoaderConfig})
+        self.audio, self.loader = given["audio"] or AudioConfig(), given["loader"] or SpeechLoaderConfig()
         self.root = Path(root) if root is not None else shared_data_dir() / "librispeech"
         self.train_splits = train_splits or ["train-clean-100"]
         self.val_splits = val_splits or ["dev-clean"]
         self.test_splits = test_splits or ["test-clean", "test-other"]
-        self.max_duration, self.batch_seconds = max_duration, batch_seconds
-        self.eval_batch_seconds = eval_batch_seconds or 2 * batch_seconds
-        self.num_buckets, self.num_workers, self.sample_rate = num_buckets, num_workers, sample_rate
-        self.skip_bad, self.download, self.stats_utterances, self.seed = skip_bad, download, stats_utterances, seed
-        self.mirror, self.checksums = mirror, checksums or {}
         self.audio_folders = [Path(folder) for folder in audio_folders or []]
-        self.speed_factors = speed_factors
+        self.download, self.mirror, self.checksums = download, mirror, checksums or {}
+        self.seed = seed
         if stream is not None and stream.batch_size is None:
             raise ValueError("stream.batch_size: expected the utterances per batch of a streamed corpus (its batches "
                              "cannot be packed by seconds without every duration up front), found None")
@@ -310,7 +352,7 @@ class LibriSpeechDataModule(L.LightningDataModule):
 
     def utterances(self, split: str) -> list[Utterance]:
         if split not in self.splits:
-            self.splits[split] = read_split(self.root, split, sample_rate=self.sample_rate, skip_bad=self.skip_bad)
+            self.splits[split] = read_split(self.root, split, sample_rate=self.audio.sample_rate, skip_bad=self.audio.skip_bad)
         return self.splits[split]
 
     def train_utterances(self) -> list[Utterance]:
@@ -319,13 +361,13 @@ class LibriSpeechDataModule(L.LightningDataModule):
             return self.train_set
         everything = [u for split in self.train_splits for u in self.utterances(split)]
         for folder in self.audio_folders:
-            everything += read_audio_folder(folder, sample_rate=self.sample_rate, skip_bad=self.skip_bad)
-        kept = [u for u in everything if u.duration <= self.max_duration]
+            everything += read_audio_folder(folder, sample_rate=self.audio.sample_rate, skip_bad=self.audio.skip_bad)
+        kept = [u for u in everything if u.duration <= self.audio.max_duration]
         if len(kept) < len(everything):
             log.warning("training data: dropped %d of %d utterances longer than max_duration=%.1f s",
-                        len(everything) - len(kept), len(everything), self.max_duration)
+                        len(everything) - len(kept), len(everything), self.audio.max_duration)
         if not kept:
-            raise ValueError(f"no training utterance is at most max_duration={self.max_duration} s long")
+            raise ValueError(f"no training utterance is at most max_duration={self.audio.max_duration} s long")
         self.train_set = kept
         return kept
 
@@ -342,15 +384,15 @@ class LibriSpeechDataModule(L.LightningDataModule):
     def setup_stream(self, stage: str | None) -> None:
         """The splits from the stream's folders: train, val, and test/<split> for each of `test_splits`. Batches
         hold stream.batch_size utterances; max_duration was applied when the stream was written."""
-        decode = StreamedUtterance(self.sample_rate, skip_bad=self.skip_bad)
+        decode = StreamedUtterance(self.audio.sample_rate, skip_bad=self.audio.skip_bad)
         if stage in (None, "fit"):
             self.train_set = open_stream(self.stream, "train", STREAM_NAME,
-                                         StreamedUtterance(self.sample_rate, self.speed_factors, self.skip_bad),
+                                         StreamedUtterance(self.audio.sample_rate, self.audio.speed_factors, self.audio.skip_bad),
                                          shuffle=True, seed=self.seed)
             written = self.train_set.manifest["meta"].get("max_duration")
-            if written is not None and written > self.max_duration:
+            if written is not None and written > self.audio.max_duration:
                 raise ValueError(f"stream {self.stream.uri}: written with max_duration={written} s, this data module "
-                                 f"has max_duration={self.max_duration} s: write the stream again with it")
+                                 f"has max_duration={self.audio.max_duration} s: write the stream again with it")
             log.info("streamed LibriSpeech: batches of %d utterances (batch_seconds, eval_batch_seconds and "
                      "num_buckets apply to folders only)", self.stream.batch_size)
         if stage in (None, "fit", "validate"):
@@ -364,7 +406,7 @@ class LibriSpeechDataModule(L.LightningDataModule):
         together, each test split in test/<split>."""
         if split == "train":
             return {"train": StreamSource(STREAM_NAME, self.train_utterances(), encode_utterance,
-                                          {"max_duration": self.max_duration})}
+                                          {"max_duration": self.audio.max_duration})}
         if split == "val":
             return {"val": StreamSource(STREAM_NAME, self.val_set, encode_utterance)}
         return {f"test/{name}": StreamSource(STREAM_NAME, utterances, encode_utterance)
@@ -380,14 +422,14 @@ class LibriSpeechDataModule(L.LightningDataModule):
     def stats_waveforms(self) -> Iterator[Tensor]:
         """Waveforms of a seeded random subset of training utterances, for the normalisation statistics."""
         if self.stream is not None:
-            train = open_stream(self.stream, "train", STREAM_NAME, StreamedUtterance(self.sample_rate,
-                                                                                    skip_bad=self.skip_bad),
+            train = open_stream(self.stream, "train", STREAM_NAME, StreamedUtterance(self.audio.sample_rate,
+                                                                                    skip_bad=self.audio.skip_bad),
                                 shuffle=False)
             count = train.manifest["samples"]  # every record, on every rank
         else:
-            train = SpeechDataset(self.train_utterances(), self.sample_rate, self.skip_bad)
+            train = SpeechDataset(self.train_utterances(), self.audio.sample_rate, self.audio.skip_bad)
             count = len(train)
-        chosen = random.Random(0).sample(range(count), min(self.stats_utterances, count))
+        chosen = random.Random(0).sample(range(count), min(self.audio.stats_utterances, count))
         for i in sorted(chosen):
             item = train[i]
             if item is not None:
@@ -397,23 +439,27 @@ class LibriSpeechDataModule(L.LightningDataModule):
                 speed_factors: list[float] | None = None) -> DataLoader:
         if self.stream is not None:  # a StreamingDataset, decoding (and speed-perturbing) itself
             return stream_loader(utterances, batch_size=self.stream.batch_size, collate_fn=collate,
-                                 num_workers=self.num_workers)
+                                 num_workers=self.loader.num_workers)
         # batches are packed on the slowest factor's durations, so that perturbed audio stays under the cap
         stretch = 1.0 / min(speed_factors) if speed_factors else 1.0
         durations = [u.duration * stretch for u in utterances]
-        sampler = LengthBatchSampler(durations, max(max_seconds, max(durations)), num_buckets=self.num_buckets,
-                                       shuffle=shuffle, seed=self.seed)
-        return make_loader(SpeechDataset(utterances, self.sample_rate, self.skip_bad, speed_factors),
-                           batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers)
+        sampler = LengthBatchSampler(durations, max(max_seconds, max(durations)),
+                                     num_buckets=self.loader.num_buckets, shuffle=shuffle, seed=self.seed)
+        return make_loader(SpeechDataset(utterances, self.audio.sample_rate, self.audio.skip_bad, speed_factors),
+                           batch_sampler=sampler, collate_fn=collate, num_workers=self.loader.num_workers)
+
+    def eval_batch_seconds(self) -> float:
+        return self.loader.eval_batch_seconds or 2 * self.loader.batch_seconds
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_seconds, shuffle=True, speed_factors=self.speed_factors)
+        return self._loader(self.train_set, self.loader.batch_seconds, shuffle=True,
+                            speed_factors=self.audio.speed_factors)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_seconds, shuffle=False)
+        return self._loader(self.val_set, self.eval_batch_seconds(), shuffle=False)
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(s, self.eval_batch_seconds, shuffle=False) for s in self.test_sets]
+        return [self._loader(s, self.eval_batch_seconds(), shuffle=False) for s in self.test_sets]
 
     def predict_dataloader(self) -> list[DataLoader]:
         """`polyformer predict` transcribes the test splits."""

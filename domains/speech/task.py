@@ -39,7 +39,7 @@ def ctc_frames_needed(targets: Tensor, target_lengths: Tensor) -> Tensor:
 def fit_normalizer(model: SpeechRecognizer, datamodule) -> None:
     """Estimates the model's feature mean and std from the data module's `stats_waveforms()`, once."""
     if not model.normalizer.fitted:
-        rank_zero_info(f"estimating feature mean/std from {datamodule.stats_utterances} training utterances")
+        rank_zero_info(f"estimating feature mean/std from {datamodule.audio.stats_utterances} training utterances")
         model.normalizer.fit(model.log_mel(w[None], torch.tensor([len(w)]))[0][0] for w in datamodule.stats_waveforms())
 
 

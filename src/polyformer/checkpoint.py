@@ -11,7 +11,8 @@ through these functions.
   `is_sharded`, `sharded_ranks` (how many ranks wrote it; a missing shard refused naming it), `load_sharded`.
 - Classes and configs: `task_class` (the task class a checkpoint records), `import_class`, `to_plain` /
   `from_plain`, the round trip of dataclass configs through the plain data a weights-only checkpoint may hold, and
-  `rename_hparams` (hyper-parameters of older releases read under their new names).
+  `rename_hparams` (hyper-parameters of older releases read under their new names) and `renamed_arguments` (their
+  arguments, read with a deprecation message).
 """
 
 from __future__ import annotations
@@ -286,6 +287,39 @@ def rename_hparams(hparams: Mapping[str, Any], renamed: Mapping[str, str]) -> di
             node = node[key]
         if node.get(leaf) is None:
             node[leaf] = value
+    return out
+
+
+def renamed_arguments(owner: str, old_values: Mapping[str, Any], renamed: Mapping[str, str],
+                      current: Mapping[str, Any], types: Mapping[str, Callable[..., Any]]) -> dict[str, Any]:
+    """The arguments of releases up to 0.1.0, read for one more release with a deprecation message: `renamed` maps
+    an old name to a whole new argument ("vit" → "model") or to a field of one ("batch_seconds" →
+    "loader.batch_seconds"); old_values are the old arguments as given (None: not given); current the new arguments
+    as given, each built with types[name] from its old fields when those are given. Returns the new arguments;
+    giving a new argument and its old form both is refused, naming both."""
+    out = dict(current)
+    given = {old: value for old, value in old_values.items() if value is not None}
+    if not given:
+        return out
+    by_target: dict[str, dict[str, tuple[str, Any]]] = {}  # new argument → field ("" for all of it) → old, value
+    for old, value in given.items():
+        target, _, field = renamed[old].partition(".")
+        by_target.setdefault(target, {})[field] = (old, value)
+    for target, parts in by_target.items():
+        olds = [old for old, _ in parts.values()]
+        if out.get(target) is not None:
+            if "" in parts:
+                raise ValueError(f"{owner}: `{olds[0]}` is the old name of `{target}`: set one, found both")
+            raise ValueError(f"{owner}: {', '.join(olds)} are the old, flat form of `{target}`: set "
+                             f"{'/'.join(f'{target}.{field}' for field in parts)}, found both")
+        out[target] = parts[""][1] if "" in parts else types[target](**{f: v for f, (_, v) in parts.items()})
+    if len(given) == 1 and renamed[next(iter(given))] in by_target:
+        old = next(iter(given))
+        message = f"the argument `{old}` is deprecated and will be removed: write `{renamed[old]}`"
+    else:
+        message = (f"the arguments {', '.join(given)} are deprecated and will be removed: write "
+                   f"{', '.join(renamed[old] for old in given)}")
+    warnings.warn(f"{owner}: {message}", DeprecationWarning, stacklevel=3)
     return out
 
 

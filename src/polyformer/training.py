@@ -10,7 +10,6 @@ import inspect
 import math
 import random
 import typing
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from polyformer.checkpoint import (CLASS_PATH, from_plain, load_checkpoint, load_weights, read_pretrained,
-                                   rename_hparams, task_class, to_plain)
+                                   rename_hparams, renamed_arguments, task_class, to_plain)
 from polyformer.data import global_seed
 from polyformer.deploy import Exportable
 from polyformer.distributed import ShardedStrategy, ShardingConfig, checkpoint_activations, compile_blocks, shard
@@ -124,26 +123,10 @@ class PolyformerTask(L.LightningModule):
         with a deprecation message: the whole config under an old name (`renamed_hparams` maps it to "model") or its
         fields given flat (mapped to "model.<field>", built with config_type); config_type() when none is given. The
         hyper-parameters then record it as `model`."""
-        given = {old: value for old, value in old_values.items() if value is not None}
-        if not given:
+        if all(value is None for value in old_values.values()):
             return model if model is not None else config_type()
-        name = type(self).__name__
-        whole = [old for old in given if self.renamed_hparams[old] == "model"]
-        if whole:
-            old = whole[0]
-            if model is not None:
-                raise ValueError(f"{name}: `{old}` is the old name of `model`: set one, found both")
-            warnings.warn(f"{name}: the argument `{old}` is deprecated and will be removed: write `model` "
-                          f"(model.init_args.model in a config)", DeprecationWarning, stacklevel=3)
-            model = given[old]
-        else:
-            if model is not None:
-                raise ValueError(f"{name}: {', '.join(given)} are the old, flat form of `model`: set "
-                                 f"model.{'/'.join(given)}, found both")
-            warnings.warn(f"{name}: the arguments {', '.join(given)} are deprecated and will be removed: write "
-                          f"model.{', model.'.join(given)} (model.init_args.model.* in a config)",
-                          DeprecationWarning, stacklevel=3)
-            model = config_type(**{self.renamed_hparams[old].removeprefix("model."): v for old, v in given.items()})
+        model = renamed_arguments(f"{type(self).__name__}", old_values, self.renamed_hparams, {"model": model},
+                                  {"model": config_type})["model"]
         for old in old_values:
             self.hparams.pop(old, None)
         self.hparams["model"] = model

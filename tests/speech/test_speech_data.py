@@ -14,8 +14,10 @@ import soundfile as sf
 import polyformer.data
 from polyformer.data import LengthBatchSampler
 from polyformer.domains.speech.data import (
+    AudioConfig,
     LibriSpeechDataModule,
     SpeechDataset,
+    SpeechLoaderConfig,
     collate,
     read_split,
 )
@@ -100,7 +102,8 @@ def test_duration_batches_cover_everything_under_the_cap(monkeypatch):
 
 
 def test_long_utterances_are_dropped_with_a_count(tiny_corpus, caplog):
-    module = LibriSpeechDataModule(root=str(tiny_corpus), train_splits=["train"], max_duration=3.0, num_workers=0)
+    module = LibriSpeechDataModule(root=str(tiny_corpus), train_splits=["train"], audio=AudioConfig(max_duration=3.0),
+                                   loader=SpeechLoaderConfig(num_workers=0))
     everything = read_split(tiny_corpus, "train")
     with caplog.at_level(logging.WARNING):
         kept = module.train_utterances()
@@ -109,11 +112,22 @@ def test_long_utterances_are_dropped_with_a_count(tiny_corpus, caplog):
     assert f"dropped {dropped} of {len(everything)}" in caplog.text
 
 
+def test_the_flat_arguments_of_0_1_0_are_read_with_a_deprecation_message(tiny_corpus):
+    with pytest.warns(DeprecationWarning, match="max_duration, batch_seconds, num_workers are deprecated .* write "
+                                                "audio.max_duration, loader.batch_seconds, loader.num_workers"):
+        old = LibriSpeechDataModule(root=str(tiny_corpus), max_duration=3.0, batch_seconds=30.0, num_workers=0)
+    assert old.audio == AudioConfig(max_duration=3.0)
+    assert old.loader == SpeechLoaderConfig(batch_seconds=30.0, num_workers=0)
+    with pytest.raises(ValueError, match="num_workers are the old, flat form of `loader`: set loader.num_workers, "
+                                         "found both"):
+        LibriSpeechDataModule(loader=SpeechLoaderConfig(), num_workers=0)
+
+
 def test_evaluation_loaders_keep_every_utterance_even_over_max_duration(tiny_corpus):
     # max_duration drops long *training* utterances only: validation and test loaders read every one, once
     module = LibriSpeechDataModule(root=str(tiny_corpus), train_splits=["train"], val_splits=["dev"],
-                                   test_splits=["test", "heldout"], max_duration=1.0, eval_batch_seconds=8.0,
-                                   num_workers=0)
+                                   test_splits=["test", "heldout"], audio=AudioConfig(max_duration=1.0),
+                                   loader=SpeechLoaderConfig(eval_batch_seconds=8.0, num_workers=0))
     module.setup("validate")
     module.setup("test")
     loaders = {"dev": module.val_dataloader(), **dict(zip(["test", "heldout"], module.test_dataloader()))}
@@ -130,7 +144,8 @@ def test_speed_perturbation_changes_length_and_keeps_batches_under_the_cap(tiny_
     from polyformer.domains.speech import LibriSpeechDataModule
 
     data = LibriSpeechDataModule(root=str(tiny_corpus), train_splits=["train"], val_splits=["dev"],
-                                 test_splits=["test"], batch_seconds=20.0, num_workers=0, speed_factors=[0.9, 1.1])
+                                 test_splits=["test"], audio=AudioConfig(speed_factors=[0.9, 1.1]),
+                                 loader=SpeechLoaderConfig(batch_seconds=20.0, num_workers=0))
     data.setup("fit")
     loader = data.train_dataloader()
     dataset, original = loader.dataset, loader.dataset.utterances[0]
@@ -143,7 +158,7 @@ def test_speed_perturbation_changes_length_and_keeps_batches_under_the_cap(tiny_
     for batch in loader:  # packed on durations / 0.9: perturbed audio stays under 20 s of padded samples
         assert batch["waveforms"].numel() <= 20.0 * 16000
     with pytest.raises(ValueError, match="speed_factors must be positive"):
-        LibriSpeechDataModule(speed_factors=[0.0, 1.0])
+        AudioConfig(speed_factors=[0.0, 1.0])
     assert data.val_dataloader().dataset.speed_factors is None  # evaluation hears the audio as recorded
 
 

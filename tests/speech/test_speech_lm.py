@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -86,7 +85,8 @@ def fitted_tiny_cli(root: Path, split: str, runs: Path) -> tuple[list[str], Path
     train = "train" if (root / "LibriSpeech" / "train").is_dir() else split
     data = {"class_path": "polyformer.domains.speech.LibriSpeechDataModule",
             "init_args": {"root": str(root), "train_splits": [train], "val_splits": [split], "test_splits": [split],
-                          "batch_seconds": 30.0, "num_workers": 0, "stats_utterances": 3}}
+                          "audio": {"stats_utterances": 3},
+                          "loader": {"batch_seconds": 30.0, "num_workers": 0}}}
     common = [f"--model={json.dumps(model)}", f"--data={json.dumps(data)}", f"--run.root={runs}",
               "--run.domain=speech", "--run.name=tiny", "--trainer.enable_progress_bar=false"]
     PolyformerCLI(args=["fit", *common, "--trainer.max_steps=1", "--trainer.limit_val_batches=0"])

@@ -13,7 +13,7 @@ import soundfile as sf
 import torch
 
 from polyformer.domains.speech import LibriSpeechDataModule, SpeechRecognitionTask
-from polyformer.domains.speech.data import collate, read_audio_folder
+from polyformer.domains.speech.data import AudioConfig, SpeechLoaderConfig, collate, read_audio_folder
 from polyformer.domains.speech.pretrain import STACK, BestRQConfig, BestRQPretrainTask, RandomProjectionQuantizer
 from polyformer.finetune import FinetuneConfig
 from polyformer.masking import MaskingConfig
@@ -53,7 +53,8 @@ def test_masked_spans_become_noise_and_padding_is_not_counted():
 def test_bestrq_learns_and_a_ctc_fine_tuning_loads_its_encoder(tiny_corpus, tmp_path, one_torch_thread):
     L.seed_everything(0)
     data = LibriSpeechDataModule(root=str(tiny_corpus), train_splits=["train"], val_splits=["dev"],
-                                 test_splits=["test"], batch_seconds=30.0, num_workers=0, stats_utterances=8,
+                                 test_splits=["test"], audio=AudioConfig(stats_utterances=8),
+                                 loader=SpeechLoaderConfig(batch_seconds=30.0, num_workers=0),
                                  audio_folders=[str(tiny_corpus / "LibriSpeech" / "heldout")])
     task = BestRQPretrainTask(model=tiny_model(), bestrq=small_bestrq(),
                               optimizer=OptimizerConfig(lr=3e-3, warmup_steps=2))
@@ -69,7 +70,8 @@ def test_bestrq_learns_and_a_ctc_fine_tuning_loads_its_encoder(tiny_corpus, tmp_
     trainer.save_checkpoint(checkpoint)
 
     ctc_data = LibriSpeechDataModule(root=str(tiny_corpus), train_splits=["train"], val_splits=["dev"],
-                                     test_splits=["test"], batch_seconds=30.0, num_workers=0, stats_utterances=8)
+                                     test_splits=["test"], audio=AudioConfig(stats_utterances=8),
+                                     loader=SpeechLoaderConfig(batch_seconds=30.0, num_workers=0))
     fine = SpeechRecognitionTask(model=tiny_model(), init_from=str(checkpoint),
                                  finetune=FinetuneConfig(exclude=["model.head."], freeze_steps=2))
     L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from polyformer.domains.speech.data import LibriSpeechDataModule, SpeechDataset
+from polyformer.domains.speech.data import LibriSpeechDataModule, SpeechDataset, SpeechLoaderConfig
 from polyformer.streaming import StreamConfig, split_uri, write_stream
 
 
 def test_a_streamed_corpus_gives_the_utterances_of_the_folders(tiny_corpus, tmp_path):
     splits = dict(root=str(tiny_corpus), train_splits=["train"], val_splits=["dev"], test_splits=["test", "heldout"],
-                  num_workers=0)
+                  loader=SpeechLoaderConfig(num_workers=0))
     folders = LibriSpeechDataModule(**splits)
     folders.setup(None)
     for split in ("train", "val", "test"):

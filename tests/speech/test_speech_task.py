@@ -14,7 +14,7 @@ from torchmetrics.text import CharErrorRate
 from polyformer.cli import PolyformerCLI
 from polyformer.domains.speech import LibriSpeechDataModule, SpeechRecognitionTask
 from polyformer.domains.speech.conformer import ConformerConfig
-from polyformer.domains.speech.data import collate
+from polyformer.domains.speech.data import AudioConfig, SpeechLoaderConfig, collate
 from polyformer.domains.speech.decoding import BeamSearchDecoder, greedy_decode
 from polyformer.domains.speech.model import SpeechModelConfig
 from polyformer.domains.speech.tokens import CharTokenizer, TokenizerConfig
@@ -75,8 +75,8 @@ def test_fit_checkpoint_and_reload_with_unigram_tokens(tiny_corpus, tmp_path):
     task = SpeechRecognitionTask(model=tiny_model(), tokenizer=TokenizerConfig(kind="unigram", vocab_size=40),
                                  optimizer=OptimizerConfig(lr=3e-3, warmup_steps=2))
     data = LibriSpeechDataModule(root=str(tiny_corpus), train_splits=["train"], val_splits=["dev"],
-                                 test_splits=["test", "heldout"], batch_seconds=30.0, num_workers=0,
-                                 stats_utterances=8)
+                                 test_splits=["test", "heldout"], audio=AudioConfig(stats_utterances=8),
+                                 loader=SpeechLoaderConfig(batch_seconds=30.0, num_workers=0))
     trainer = L.Trainer(max_epochs=2, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="run"),
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                         num_sanity_val_steps=0, log_every_n_steps=1)
