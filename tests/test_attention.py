@@ -228,22 +228,19 @@ def test_attn_bias_adds_to_scores_and_combines_with_masks():
         MultiHeadAttention(16, 2, kind="linear")(x, attn_bias=bias)
 
 
-def test_positions_on_queries_and_keys_match_torch():
-    """DETR's attention: positions added to query and key inputs only (torch's MHA given q = k = x + pos, v = x)."""
+def test_separate_query_key_value_inputs_match_torch():
+    """attend(query, key, value): torch's MHA given the three inputs (DETR's q = k = x + pos, v = x)."""
     torch.manual_seed(0)
     x, pos, memory, memory_pos = torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.randn(2, 7, 16), \
         torch.randn(2, 7, 16)
     ours, theirs = MultiHeadAttention(16, 4).eval(), nn.MultiheadAttention(16, 4, batch_first=True).eval()
     copy_mha(ours, theirs)
     expected = theirs(x + pos, x + pos, x, need_weights=False)[0]
-    assert torch.allclose(ours(x, pos=pos), expected, **TOL)
+    assert torch.allclose(ours.attend(x + pos, x + pos, x), expected, **TOL)
+    assert torch.allclose(ours.attend(x, x, x), ours(x), **TOL)  # one input: forward()
     cross, theirs = MultiHeadAttention(16, 4, cross=True).eval(), nn.MultiheadAttention(16, 4, batch_first=True).eval()
     copy_mha(cross, theirs)
     expected = theirs(x + pos, memory + memory_pos, memory, need_weights=False)[0]
-    assert torch.allclose(cross(x, memory, pos=pos, context_pos=memory_pos), expected, **TOL)
-    with pytest.raises(ValueError, match="do not combine with query_index"):
-        ours(x, pos=pos, query_index=slice(0, 1))
-    decoder = TransformerDecoder(TransformerConfig(dim=16, depth=3, heads=4)).eval()
-    layers = decoder(x, memory, pos=pos, memory_pos=memory_pos, every_layer=True)
-    assert layers.shape == (3, 2, 5, 16)
-    assert torch.allclose(layers[-1], decoder(x, memory, pos=pos, memory_pos=memory_pos), **TOL)
+    assert torch.allclose(cross.attend(x + pos, memory + memory_pos, memory), expected, **TOL)
+    with pytest.raises(ValueError, match="expected as many, found 5 and 7"):
+        ours.attend(x, memory, memory)

@@ -237,55 +237,71 @@ class MultiHeadAttention(nn.Module):
         need_weights: bool = False,
         query_index: slice | None = None,
         attn_bias: Tensor | None = None,
-        pos: Tensor | None = None,
-        context_pos: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """x: (b n d); context: (b m d) for cross-attention; key_padding_mask: (b m), or (b n) for self-attention.
         attn_bias: added to the attention scores, broadcastable to (b h n m) (e.g. a relative position bias);
         -inf where a key is excluded. Softmax kernels only.
-        pos (b n d), context_pos (b m d): positions added to the queries' and keys' inputs but not the values'
-        (DETR, at every layer): self-attention adds pos to both; cross-attention pos to queries, context_pos to keys.
 
         query_index: the tokens of x whose outputs are wanted, e.g. slice(0, 1) for a class token; queries are
         projected and attend only there (softmax kernels; the linear kernel computes all and selects), keys and
         values come from all of x. Output (b n' d), n' tokens selected.
         """
         query_index = None if query_index == slice(None) else query_index  # all tokens: keep the fast paths
-        n = x.shape[1]
         # linear attention's causal form runs over every query in order: it computes all, then selects
         subset = query_index if self.kind != "linear" else None
-        queries = x if subset is None else x[:, subset]
-        if (pos is not None or context_pos is not None) and (subset is not None or cache is not None):
-            raise ValueError("pos / context_pos are added to whole inputs: they do not combine with query_index or "
-                             "a KV cache")
-        d = x.shape[-1]
         if self.cross:
             if context is None:
                 raise ValueError("cross-attention needs a context (b m d), found None")
-            q = self.q(queries if pos is None else queries + pos)
-            if context_pos is None:
-                k, v = self.kv(context).chunk(2, dim=-1)
-            else:  # the fused weight's rows [k; v]
-                k, v = self.split_linear(self.kv, (context + context_pos, context), d)
-        elif pos is not None:  # the fused weight's rows [q; k] see the positions, [v] does not
-            q_and_k, v = self.split_linear(self.qkv, (x + pos, x), 2 * d)
-            q, k = q_and_k.chunk(2, dim=-1)
+            q = self.q(x if subset is None else x[:, subset])
+            k, v = self.kv(context).chunk(2, dim=-1)
         elif subset is None:
             q, k, v = self.qkv(x).chunk(3, dim=-1)
         else:  # the fused weight's rows [q; k; v]: queries for the selected tokens only
-            q, k_and_v = self.split_linear(self.qkv, (queries, x), d)
-            k, v = k_and_v.chunk(2, dim=-1)
+            q, k, v = self.project(x[:, subset], x, x)
+        return self._attention(q, k, v, x.shape[1], key_padding_mask=key_padding_mask, cache=cache,
+                               need_weights=need_weights, subset=subset, query_index=query_index, attn_bias=attn_bias)
+
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, *, key_padding_mask: Tensor | None = None,
+               attn_bias: Tensor | None = None) -> Tensor:
+        """Attention with separate inputs for the queries (b n d) and the keys and values (b m d), as torch's
+        nn.MultiheadAttention takes them (DETR adds positions to the first two only). Self-attention takes n = m,
+        its keys at the queries' positions; no cache."""
+        if not self.cross and query.shape[1] != key.shape[1]:
+            raise ValueError(f"self-attention's queries and keys are the same tokens: expected as many, found "
+                             f"{query.shape[1]} and {key.shape[1]}")
+        q, k, v = self.project(query, key, value)
+        return self._attention(q, k, v, query.shape[1], key_padding_mask=key_padding_mask, attn_bias=attn_bias)
+
+    def project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Each part of the fused projection ([q; k; v] rows, or q and [k; v]) applied to its own input; the [k; v]
+        rows in one product when key is value."""
+        d = query.shape[-1]
+
+        def rows(layer: nn.Linear, inputs: Tensor, start: int, stop: int) -> Tensor:
+            return F.linear(inputs, layer.weight[start:stop], None if layer.bias is None else layer.bias[start:stop])
+
+        q, (layer, first) = (self.q(query), (self.kv, 0)) if self.cross else (rows(self.qkv, query, 0, d), (self.qkv, d))
+        if key is value:
+            return q, *rows(layer, key, first, first + 2 * d).chunk(2, dim=-1)
+        return q, rows(layer, key, first, first + d), rows(layer, value, first + d, first + 2 * d)
+
+    def _attention(self, q: Tensor, k: Tensor, v: Tensor, n: int, *, key_padding_mask: Tensor | None = None,
+                   cache: LayerCache | None = None, need_weights: bool = False, subset: slice | None = None,
+                   query_index: slice | None = None, attn_bias: Tensor | None = None
+                   ) -> Tensor | tuple[Tensor, Tensor]:
+        """Projected q (b n' d), k, v (b m d) → heads, positions, the kernel, the output projection; n: the tokens of
+        x (n' = n unless `subset` selects queries)."""
         q, k, v = (rearrange(t, "b n (h e) -> b h n e", h=self.heads) for t in (q, k, v))
         q, k = self.q_norm(q), self.k_norm(k)
-
         start = cache.seen if cache is not None else 0  # position of the first token of x (plain ints)
         key_start = 0 if self.cross else start
-        query_pos = torch.arange(start, start + n, device=x.device)
+        query_pos = torch.arange(start, start + n, device=q.device)
         query_pos = query_pos if subset is None else query_pos[subset]
         if self.rope is not None:
             q = self.rope(q, query_pos)
-            k = self.rope(k, torch.arange(key_start, key_start + k.shape[2], device=x.device))
+            k = self.rope(k, torch.arange(key_start, key_start + k.shape[2], device=q.device))
 
+        weights = None
         if self.kind == "linear":
             if attn_bias is not None:
                 raise ValueError("attn_bias: linear attention forms no score matrix to add it to; use kind='full'")
@@ -306,14 +322,6 @@ class MultiHeadAttention(nn.Module):
 
         out = self.proj_drop(self.proj(rearrange(out, "b h n e -> b n (h e)")))
         return (out, weights) if need_weights else out
-
-    @staticmethod
-    def split_linear(layer: nn.Linear, inputs: tuple[Tensor, Tensor], rows: int) -> tuple[Tensor, Tensor]:
-        """A fused projection applied in two parts: its first `rows` output rows to inputs[0], the rest to
-        inputs[1]."""
-        weight, bias = layer.weight, layer.bias
-        first = F.linear(inputs[0], weight[:rows], None if bias is None else bias[:rows])
-        return first, F.linear(inputs[1], weight[rows:], None if bias is None else bias[rows:])
 
     def forward_fixed_cache(self, x: Tensor, keys: Tensor, values: Tensor, key_valid: Tensor
                             ) -> tuple[Tensor, Tensor, Tensor]:

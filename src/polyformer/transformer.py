@@ -129,20 +129,16 @@ class TransformerBlock(nn.Module):
         memory_padding_mask: Tensor | None = None,
         cache: LayerCache | None = None,
         query_index: slice | None = None,
-        pos: Tensor | None = None,
-        memory_pos: Tensor | None = None,
         attn_bias: Tensor | None = None,
     ) -> Tensor:
         """x (b n d) → (b n d), or (b n' d) for the n' tokens that query_index selects (see MultiHeadAttention).
-        pos (b n d), memory_pos (b m d): added to attention's query and key inputs in this block (DETR);
         attn_bias: added to the self-attention scores (see MultiHeadAttention)."""
         x = self.residual(x, self.norm1, lambda h: self.attn(h, key_padding_mask=key_padding_mask, cache=cache,
-                                                             query_index=query_index, pos=pos, attn_bias=attn_bias),
+                                                             query_index=query_index, attn_bias=attn_bias),
                           self.ls1, query_index)
         if memory is not None:
             x = self.residual(x, self.norm_cross,
-                              lambda h: self.cross_attn(h, memory, key_padding_mask=memory_padding_mask, pos=pos,
-                                                        context_pos=memory_pos),
+                              lambda h: self.cross_attn(h, memory, key_padding_mask=memory_padding_mask),
                               self.ls_cross)
         return self.residual(x, self.norm2, self.mlp, self.ls2)
 
@@ -164,6 +160,10 @@ class TransformerBlock(nn.Module):
 class _Stack(nn.Module):
     """Additive positions, blocks with linearly rising drop-path, and the final norm of a pre-norm stack."""
 
+    # the block class: a subclass of TransformerBlock whose forward differs (DETR's positions at every layer) takes
+    # the same config and keeps the same parameter names
+    block_type: type[TransformerBlock] = TransformerBlock
+
     def __init__(self, config: TransformerConfig, *, cross: bool):
         super().__init__()
         self.config = config
@@ -174,7 +174,7 @@ class _Stack(nn.Module):
         else:
             self.pos_embed = None
         rates = torch.linspace(0, config.drop_path, config.depth).tolist()
-        self.blocks = nn.ModuleList(TransformerBlock(config, cross=cross, drop_path=r) for r in rates)
+        self.blocks = nn.ModuleList(self.block_type(config, cross=cross, drop_path=r) for r in rates)
         self.norm = make_norm(config.norm, config.dim, config.norm_eps) if config.prenorm and config.final_norm \
             else nn.Identity()
         self.apply(init_linear_weights)
@@ -200,13 +200,12 @@ class TransformerEncoder(_Stack):
         super().__init__(config, cross=False)
 
     def forward(self, x: Tensor, *, key_padding_mask: Tensor | None = None, cache: KVCache | None = None,
-                query_index: slice | None = None, pos: Tensor | None = None) -> Tensor:
+                query_index: slice | None = None) -> Tensor:
         """x: (b n d); key_padding_mask: (b n) True at padding; cache: from new_cache(), extended in place.
 
         query_index: only these tokens' outputs are wanted (b n' d), e.g. a class token or the last position;
         the last block computes its queries, feed-forward and norm there alone (keys and values from all tokens;
         linear attention computes every output of that block's attention and selects).
-        pos: (b n d) positions added to every block's queries and keys (DETR), besides config.position.
         """
         if cache is not None and len(cache) != len(self.blocks):
             raise ValueError(f"cache has {len(cache)} layers, the encoder has {len(self.blocks)}")
@@ -214,7 +213,7 @@ class TransformerEncoder(_Stack):
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             x = block(x, key_padding_mask=key_padding_mask, cache=cache[i] if cache is not None else None,
-                      query_index=query_index if i == last else None, pos=pos)
+                      query_index=query_index if i == last else None)
         return self.norm(x)
 
 
@@ -265,19 +264,11 @@ class TransformerDecoder(_Stack):
         memory_padding_mask: Tensor | None = None,
         cache: KVCache | None = None,
         query_index: slice | None = None,
-        pos: Tensor | None = None,
-        memory_pos: Tensor | None = None,
-        every_layer: bool = False,
     ) -> Tensor:
-        """As TransformerEncoder.forward, with a memory (b m d) to cross-attend and its padding mask (b m);
-        memory_pos (b m d) is added to the memory's keys in every block (DETR). every_layer: the output of every
-        block, each through the final norm, stacked (depth b n d) — for losses at every layer."""
+        """As TransformerEncoder.forward, with a memory (b m d) to cross-attend and its padding mask (b m)."""
         x = self._add_positions(x, cache)
-        last, outputs = len(self.blocks) - 1, []
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             x = block(x, memory, key_padding_mask=key_padding_mask, memory_padding_mask=memory_padding_mask,
-                      cache=cache[i] if cache is not None else None, query_index=query_index if i == last else None,
-                      pos=pos, memory_pos=memory_pos)
-            if every_layer:
-                outputs.append(self.norm(x))
-        return torch.stack(outputs) if every_layer else self.norm(x)
+                      cache=cache[i] if cache is not None else None, query_index=query_index if i == last else None)
+        return self.norm(x)

@@ -184,3 +184,27 @@ def test_detr_exports_to_onnx_and_matches_eager(tmp_path):
             eager = exportable.module(*inputs)
         assert eager[0].shape == (len(inputs[0]), 5, 2) and eager[1].shape == (len(inputs[0]), 5, 4)
         assert all((a - b).abs().max() < 1e-4 for a, b in zip(eager, onnx(*inputs)))
+
+
+def test_positioned_blocks_are_the_core_blocks_with_positions_on_queries_and_keys():
+    """DETR's stacks hold the core's parameters; with zero positions they compute what the core's stacks compute,
+    and the decoder gives every layer's output (through the final norm), the last the core decoder's output."""
+    from polyformer.domains.vision.detection.detr import PositionedDecoder, PositionedEncoder
+    from polyformer.transformer import TransformerConfig, TransformerDecoder, TransformerEncoder
+
+    torch.manual_seed(0)
+    config = TransformerConfig(dim=16, depth=3, heads=4)
+    x, memory, mask = torch.randn(2, 5, 16), torch.randn(2, 7, 16), torch.zeros(2, 7, dtype=torch.bool)
+    mask[1, 5:] = True
+    ours, core = PositionedEncoder(config).eval(), TransformerEncoder(config).eval()
+    core.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(ours(memory, torch.zeros_like(memory), key_padding_mask=mask),
+                               core(memory, key_padding_mask=mask))
+    ours, core = PositionedDecoder(config).eval(), TransformerDecoder(config).eval()
+    core.load_state_dict(ours.state_dict())
+    layers = ours(x, memory, torch.zeros_like(x), torch.zeros_like(memory), memory_padding_mask=mask)
+    assert layers.shape == (3, 2, 5, 16)
+    torch.testing.assert_close(layers[-1], core(x, memory, memory_padding_mask=mask))
+    pos = torch.randn(2, 5, 16)
+    assert not torch.allclose(ours(x, memory, pos, torch.zeros_like(memory))[-1], layers[-1])
+

@@ -179,7 +179,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x: Tensor, query_pos: Tensor, boxes: Tensor, memory: Tensor, shapes: list[tuple[int, int]],
                 memory_mask: Tensor, bias: Tensor | None) -> Tensor:
         """x, query_pos (b n d); boxes (b n L 4): each query's reference box on every level."""
-        x = self.norm1(x + self.self_attn(x, pos=query_pos, attn_bias=bias))
+        positioned = x + query_pos  # positions on the queries and keys, not the values
+        x = self.norm1(x + self.self_attn.attend(positioned, positioned, x, attn_bias=bias))
         x = self.norm2(x + self.drop(self.cross_attn(x + query_pos, boxes, memory, shapes, memory_mask)))
         return self.norm3(x + self.drop(self.mlp(x)))
 

@@ -2,8 +2,8 @@
 decoder.
 
 A CNN (or the Swin of swin.py) turns the padded image batch into a feature map; a 1×1 convolution brings it to the
-transformer's width, and its H'·W' cells become the tokens of the core's `TransformerEncoder`, with 2-D sine positions
-added to queries and keys at every layer (padding cells masked). The core's `TransformerDecoder` lets a fixed set of
+transformer's width, and its H'·W' cells become the tokens of an encoder of the core's blocks, with 2-D sine positions
+added to queries and keys (not values) at every layer (`PositionedBlock`; padding cells masked). The decoder lets a fixed set of
 learned object queries (their embeddings are the decoder's query positions; its input starts at zero) attend to the
 encoded image. Every query predicts a class — one of the k classes or "no object" — and a box (cx, cy, w, h) in
 [0, 1] of the unpadded image. Training matches predictions to the ground truth one-to-one (Hungarian matching on a
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou
 
 from polyformer.domains.vision.swin import SwinConfig, SwinTransformer
-from polyformer.transformer import TransformerConfig, TransformerDecoder, TransformerEncoder
+from polyformer.transformer import TransformerBlock, TransformerConfig, TransformerDecoder, TransformerEncoder
 
 Backbone = Literal["resnet18", "resnet34", "resnet50", "swin"]
 
@@ -214,6 +214,52 @@ def denoising_bias(queries: int, dn: Denoising) -> Tensor:
     return torch.zeros(blocked.shape, device=dn.boxes.device).masked_fill(blocked, float("-inf"))
 
 
+class PositionedBlock(TransformerBlock):
+    """The core's block with DETR's positions: added to every attention's queries and keys, never to its values, at
+    every layer (the same parameters as TransformerBlock)."""
+
+    def forward(self, x: Tensor, memory: Tensor | None = None, *, pos: Tensor, memory_pos: Tensor | None = None,
+                key_padding_mask: Tensor | None = None, memory_padding_mask: Tensor | None = None,
+                attn_bias: Tensor | None = None) -> Tensor:
+        """x, pos (b n d); memory, memory_pos (b m d); attn_bias: added to the self-attention scores."""
+        def attend(h: Tensor) -> Tensor:
+            positioned = h + pos
+            return self.attn.attend(positioned, positioned, h, key_padding_mask=key_padding_mask, attn_bias=attn_bias)
+
+        x = self.residual(x, self.norm1, attend, self.ls1)
+        if memory is not None:
+            keys = memory if memory_pos is None else memory + memory_pos
+            x = self.residual(x, self.norm_cross, lambda h: self.cross_attn.attend(
+                h + pos, keys, memory, key_padding_mask=memory_padding_mask), self.ls_cross)
+        return self.residual(x, self.norm2, self.mlp, self.ls2)
+
+
+class PositionedEncoder(TransformerEncoder):
+    """DETR's encoder: (b m d) tokens and their (b m d) positions → (b m d)."""
+
+    block_type = PositionedBlock
+
+    def forward(self, x: Tensor, pos: Tensor, *, key_padding_mask: Tensor | None = None) -> Tensor:
+        for block in self.blocks:
+            x = block(x, pos=pos, key_padding_mask=key_padding_mask)
+        return self.norm(x)
+
+
+class PositionedDecoder(TransformerDecoder):
+    """DETR's decoder: queries (b q d) with their positions (b q d) over the memory (b m d) with its positions →
+    every layer's output through the final norm (L b q d), for the losses at every layer."""
+
+    block_type = PositionedBlock
+
+    def forward(self, x: Tensor, memory: Tensor, pos: Tensor, memory_pos: Tensor, *,
+                memory_padding_mask: Tensor | None = None) -> Tensor:
+        outputs = []
+        for block in self.blocks:
+            x = block(x, memory, pos=pos, memory_pos=memory_pos, memory_padding_mask=memory_padding_mask)
+            outputs.append(self.norm(x))
+        return torch.stack(outputs)
+
+
 class DETR(nn.Module):
     """(b 3 H W) images and their (b H W) padding mask → logits (L b q k+1) and boxes (L b q 4), one per decoder
     layer (the last is the prediction)."""
@@ -224,8 +270,8 @@ class DETR(nn.Module):
         self.backbone = SwinBackbone(c.swin or SwinConfig(num_classes=0)) if c.backbone == "swin" \
             else ResNetBackbone(c.backbone, c.backbone_stride, c.pretrained_backbone)
         self.input_proj = nn.Conv2d(self.backbone.channels, c.dim, kernel_size=1)
-        self.encoder = TransformerEncoder(c.transformer(c.encoder_depth))
-        self.decoder = TransformerDecoder(c.transformer(c.decoder_depth))
+        self.encoder = PositionedEncoder(c.transformer(c.encoder_depth))
+        self.decoder = PositionedDecoder(c.transformer(c.decoder_depth))
         self.class_head = nn.Linear(c.dim, c.num_classes + 1)
         self.box_head = MLP([c.dim, c.dim, c.dim, 4])
         if c.queries == "learned":
@@ -243,15 +289,14 @@ class DETR(nn.Module):
         mask = F.interpolate(padding_mask[:, None].float(), size=features.shape[-2:])[:, 0].bool()  # (b h w)
         pos = rearrange(sine_positions_2d(mask, self.config.dim), "b h w d -> b (h w) d")
         tokens, mask = rearrange(features, "b d h w -> b (h w) d"), rearrange(mask, "b h w -> b (h w)")
-        return self.encoder(tokens, key_padding_mask=mask, pos=pos), mask, pos
+        return self.encoder(tokens, pos, key_padding_mask=mask), mask, pos
 
     def forward(self, images: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor]:
         memory, mask, pos = self.encode(images, padding_mask)
         if self.config.queries == "anchor":
             return self.anchor_decoder(memory, mask, pos)
         queries = self.query_embed.weight.expand(images.shape[0], -1, -1)  # (b q d)
-        outputs = self.decoder(torch.zeros_like(queries), memory, memory_padding_mask=mask, pos=queries,
-                               memory_pos=pos, every_layer=True)  # (L b q d)
+        outputs = self.decoder(torch.zeros_like(queries), memory, queries, pos, memory_padding_mask=mask)  # (L b q d)
         return self.class_head(outputs), self.box_head(outputs).sigmoid()
 
     def forward_denoising(self, images: Tensor, padding_mask: Tensor, targets: list[dict[str, Tensor]]
