@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from polyformer.checkpoint import CheckpointError, load_checkpoint, replace_folder, write_atomically
+from polyformer.checkpoint import CheckpointError, load_checkpoint, recover_folder, replace_folder, write_atomically
 from polyformer.toy import SortingTask
 from polyformer.transformer import TransformerConfig
 
@@ -113,6 +113,27 @@ def test_a_sharded_checkpoint_folder_is_replaced_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
     assert sorted(p.name for p in target.iterdir()) == ["__0_0.distcp", "meta.pt"]
     assert (target / "__0_0.distcp").read_text() == "new"
+
+
+def test_a_checkpoint_left_between_the_two_renames_is_put_back(tmp_path):
+    """Killed after the old folder became `.last.ckpt.old` and before the new one took its name: the next lookup
+    (the CLI's --ckpt_path, `last`, the strategy's load) finds the old checkpoint whole under its own name again."""
+    old = tmp_path / ".last.ckpt.old"
+    old.mkdir()
+    (old / "__0_0.distcp").write_text("old")
+    with pytest.warns(UserWarning, match="put back from .last.ckpt.old"):
+        assert recover_folder(tmp_path / "last.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert (tmp_path / "last.ckpt" / "__0_0.distcp").read_text() == "old"
+    assert not recover_folder(tmp_path / "last.ckpt")  # nothing left to put back
+    # `--ckpt_path last` looks for it the same way
+    from polyformer.cli import newest_with
+
+    killed = tmp_path / "run" / "version_0" / "checkpoints" / ".last.ckpt.old"
+    killed.mkdir(parents=True)
+    (killed / ".metadata").write_bytes(b"")
+    with pytest.warns(UserWarning, match="put back"):
+        assert newest_with(tmp_path / "run", "checkpoints/last.ckpt") == killed.with_name("last.ckpt")
 
 
 # ---- NaN and inf ------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ through these functions.
   in one line), `read_pretrained` (the tensors and hyper-parameters of any checkpoint, state dict or .safetensors).
 - Checking: `load_weights` loads a state dict and names the missing and unexpected keys and the shapes that differ.
 - Writing: `write_atomically` (a temporary file, fsync, rename: a killed process leaves the old file whole),
-  `replace_folder` (the same for a sharded checkpoint's folder, by renames), `save_weights` (a weights-only copy of
+  `replace_folder` (the same for a sharded checkpoint's folder, by renames; `recover_folder` after a kill between them), `save_weights` (a weights-only copy of
   a Lightning checkpoint, a sharded one included: `polyformer consolidate`).
 - Sharded checkpoints (a sharded run's folder of `torch.distributed.checkpoint` shards and Lightning's `meta.pt`):
   `is_sharded`, `sharded_ranks` (how many ranks wrote it; a missing shard refused naming it), `load_sharded`.
@@ -71,8 +71,9 @@ def write_atomically(path: str | Path, write: Callable[[IO[bytes]], None]) -> No
 def replace_folder(new: str | Path, path: str | Path) -> None:
     """Puts the finished folder `new` (e.g. a sharded checkpoint written beside `path`) in the place of `path`: the
     old folder is renamed to `.<name>.old`, `new` renamed to `path`, then the old one deleted. Each step is a rename,
-    so a process killed in between leaves a whole checkpoint (`path`, or `.<name>.old` between the two renames),
-    never a mix of old and new shards; a stale `.old` is cleared by the next replacement."""
+    so a process killed in between leaves a whole checkpoint (`path`, or `.<name>.old` between the two renames,
+    which `recover_folder` puts back), never a mix of old and new shards; a stale `.old` is cleared by the next
+    replacement."""
     new, path = Path(new), Path(path)
     old = path.with_name(f".{path.name}.old")
     if old.exists():
@@ -84,6 +85,22 @@ def replace_folder(new: str | Path, path: str | Path) -> None:
     new.rename(path)
     if old.exists():
         shutil.rmtree(old)
+
+
+def recover_folder(path: str | Path) -> bool:
+    """Puts back the checkpoint folder a replacement killed between its two renames left as `.<name>.old` (where
+    `path` is missing); True when it did. Safe when several ranks try at once."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if path.exists() or not old.is_dir():
+        return False
+    try:
+        old.rename(path)
+    except FileNotFoundError:  # another rank put it back first
+        return False
+    warnings.warn(f"{path}: put back from {old.name}, left by a checkpoint replacement that was killed between its "
+                  f"two renames")
+    return True
 
 
 def save_weights(checkpoint: str | Path, out: str | Path) -> str:

@@ -44,7 +44,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from polyformer.checkpoint import (CLASS_PATH, CheckpointError, import_class, is_sharded, load_checkpoint,
-                                   load_weights, rename_hparams, save_weights, sharded_ranks)
+                                   load_weights, recover_folder, rename_hparams, save_weights, sharded_ranks)
 from polyformer.deploy import ExportError, max_abs_diff
 from polyformer.faults import AtomicCheckpointIO, NonFiniteError, RankFaults, StopOnNonFinite, share_rank_faults
 from polyformer.distributed import ShardedStrategy, ShardingConfig, wait_for_master
@@ -76,6 +76,7 @@ def newest_with(run_dir: Path, relative: str) -> Path | None:
     has none; a sharded run's is a folder) or a task's eval.json."""
     for version in reversed(version_numbers(run_dir)):
         path = run_dir / f"version_{version}" / relative
+        recover_folder(path)  # a sharded checkpoint left as .<name>.old by a killed save
         if path.is_file() or is_sharded(path):
             return path
     return None
@@ -113,7 +114,9 @@ class PolyformerCLI(LightningCLI):
     @staticmethod
     def refuse_unreadable_checkpoint(ckpt_path: str | None) -> None:
         """A checkpoint that is truncated, corrupted or whose pickle could run code is refused, in one line, before
-        anything else loads it."""
+        anything else loads it. A sharded checkpoint that a killed save left as `.<name>.old` is put back first."""
+        if ckpt_path:
+            recover_folder(ckpt_path)
         if ckpt_path and (Path(ckpt_path).is_file() or is_sharded(ckpt_path)):
             try:
                 sharded_ranks(ckpt_path) if is_sharded(ckpt_path) else load_checkpoint(ckpt_path)
@@ -226,6 +229,7 @@ class PolyformerCLI(LightningCLI):
         dirpath = (config.get("checkpoint") or {}).get("dirpath")
         if dirpath:
             where, path = Path(dirpath), Path(dirpath) / "last.ckpt"
+            recover_folder(path)
             path = path if path.is_file() or is_sharded(path) else None
         else:
             root, name = self.run_folder(config)

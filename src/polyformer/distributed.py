@@ -35,7 +35,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from polyformer.checkpoint import replace_folder
+from polyformer.checkpoint import recover_folder, replace_folder
 from polyformer.transformer import TransformerBlock
 
 
@@ -79,6 +79,12 @@ class ShardedStrategy(ModelParallelStrategy):
         if self.global_rank == 0:
             replace_folder(partial, path)
         self.barrier("polyformer_checkpoint_in_place")
+
+    def load_checkpoint(self, checkpoint_path: str | Path, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """As Lightning's, after putting back a checkpoint a killed save left as `.<name>.old` (recover_folder)."""
+        recover_folder(checkpoint_path)
+        self.barrier("polyformer_checkpoint_recovered")
+        return super().load_checkpoint(checkpoint_path, *args, **kwargs)
 
 
 def blocks_of(module: nn.Module, block_types: tuple[type[nn.Module], ...]) -> list[nn.Module]:
