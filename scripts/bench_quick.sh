@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every benchmark's --quick (a few batches of everything: it checks the scripts, not results), each into its own
-# temporary folder, so that a renamed flag or metric fails. Not in .ci/run yet: all twelve take about 28 minutes on
-# 2 CPU cores (minutes: longrange 6.5, detection 3.8, speech_real 2.9, pretrain 2.3, deploy 2.1, rl + scale +
-# seeds about 8, the other four under 1 each).
+# temporary folder, so that a renamed flag or metric fails. .ci/run calls it after the suite: all twelve take about
+# 28 minutes on 2 CPU cores (minutes: longrange 6.5, detection 3.8, speech_real 2.9, pretrain 2.3, deploy 2.1, rl +
+# scale + seeds about 8, the other four under 1 each).
 #   scripts/bench_quick.sh [bench_name ...]   (all scripts/bench_*.py by default; sets up .venv when missing)
 set -euo pipefail
 source "$(dirname "$0")/bootstrap.sh"
