@@ -77,7 +77,8 @@ OUT_OF_RANGE = {
         "data.init_args.audio.stats_utterances": positive_int_bad,
         "data.init_args.loader.batch_seconds": positive_float_bad,
         "data.init_args.loader.eval_batch_seconds": positive_float_bad,
-        "data.init_args.loader.num_buckets": positive_int_bad, "data.init_args.loader.num_workers": st.integers(-100, -1),
+        "data.init_args.loader.num_buckets": positive_int_bad,
+        "data.init_args.loader.num_workers": st.integers(-100, -1),
         "model.init_args.model.conformer.kernel_size": st.integers(-50, 50).filter(lambda k: k < 1 or k % 2 == 0),
     },
 }

@@ -103,7 +103,8 @@ def test_librispeech_download_checks_openslr_checksums(tmp_path, serve_folder):
 
 
 def test_librispeech_absent_says_how_to_get_it(tmp_path):
-    data = LibriSpeechDataModule(root=str(tmp_path), test_splits=["test-clean"], loader=SpeechLoaderConfig(num_workers=0))
+    data = LibriSpeechDataModule(root=str(tmp_path), test_splits=["test-clean"],
+                                 loader=SpeechLoaderConfig(num_workers=0))
     with pytest.raises(FileNotFoundError, match="found none; set data.download: true to fetch it .*test-clean.tar.gz"):
         data.setup("test")
 

@@ -352,7 +352,8 @@ class LibriSpeechDataModule(L.LightningDataModule):
 
     def utterances(self, split: str) -> list[Utterance]:
         if split not in self.splits:
-            self.splits[split] = read_split(self.root, split, sample_rate=self.audio.sample_rate, skip_bad=self.audio.skip_bad)
+            self.splits[split] = read_split(self.root, split, sample_rate=self.audio.sample_rate,
+                                            skip_bad=self.audio.skip_bad)
         return self.splits[split]
 
     def train_utterances(self) -> list[Utterance]:
@@ -387,7 +388,8 @@ class LibriSpeechDataModule(L.LightningDataModule):
         decode = StreamedUtterance(self.audio.sample_rate, skip_bad=self.audio.skip_bad)
         if stage in (None, "fit"):
             self.train_set = open_stream(self.stream, "train", STREAM_NAME,
-                                         StreamedUtterance(self.audio.sample_rate, self.audio.speed_factors, self.audio.skip_bad),
+                                         StreamedUtterance(self.audio.sample_rate, self.audio.speed_factors,
+                                                           self.audio.skip_bad),
                                          shuffle=True, seed=self.seed)
             written = self.train_set.manifest["meta"].get("max_duration")
             if written is not None and written > self.audio.max_duration:

@@ -280,7 +280,10 @@ class MultiHeadAttention(nn.Module):
         def rows(layer: nn.Linear, inputs: Tensor, start: int, stop: int) -> Tensor:
             return F.linear(inputs, layer.weight[start:stop], None if layer.bias is None else layer.bias[start:stop])
 
-        q, (layer, first) = (self.q(query), (self.kv, 0)) if self.cross else (rows(self.qkv, query, 0, d), (self.qkv, d))
+        if self.cross:
+            q, layer, first = self.q(query), self.kv, 0
+        else:
+            q, layer, first = rows(self.qkv, query, 0, d), self.qkv, d
         if key is value:
             return q, *rows(layer, key, first, first + 2 * d).chunk(2, dim=-1)
         return q, rows(layer, key, first, first + d), rows(layer, value, first + d, first + 2 * d)

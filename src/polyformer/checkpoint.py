@@ -5,7 +5,8 @@ through these functions.
   in one line), `read_pretrained` (the tensors and hyper-parameters of any checkpoint, state dict or .safetensors).
 - Checking: `load_weights` loads a state dict and names the missing and unexpected keys and the shapes that differ.
 - Writing: `write_atomically` (a temporary file, fsync, rename: a killed process leaves the old file whole),
-  `replace_folder` (the same for a sharded checkpoint's folder, by renames; `recover_folder` after a kill between them), `save_weights` (a weights-only copy of
+  `replace_folder` (the same for a sharded checkpoint's folder, by renames; `recover_folder` after a kill between
+  them), `save_weights` (a weights-only copy of
   a Lightning checkpoint, a sharded one included: `polyformer consolidate`).
 - Sharded checkpoints (a sharded run's folder of `torch.distributed.checkpoint` shards and Lightning's `meta.pt`):
   `is_sharded`, `sharded_ranks` (how many ranks wrote it; a missing shard refused naming it), `load_sharded`.

@@ -213,3 +213,26 @@ def test_bccd_config_instantiates_within_the_weights_budget(tmp_path):
     assert isinstance(cli.model, DeformableDetectionTask)
     parameters = sum(p.numel() for p in cli.model.parameters()) + sum(b.numel() for b in cli.model.buffers())
     assert 4e6 < parameters < 25 * 2**20 / 4  # under 25 MB of fp32 weights
+
+
+def test_distillation_from_a_deformable_teacher_trains_on_its_sigmoid_detections(tmp_path):
+    """distill on Deformable DETR: the teacher's queries scoring at least the threshold (sigmoid) are the second
+    target set (an untrained head scores about 0.01: focal loss's prior); the distillation term back-propagates into the student only."""
+    from polyformer.checkpoint import to_plain
+    from polyformer.domains.vision.detection.task import DetectionDistillConfig
+
+    torch.manual_seed(0)
+    teacher = DeformableDetectionTask(tiny()).eval()
+    path = tmp_path / "teacher.ckpt"
+    torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": to_plain(dict(teacher.hparams))}, path)
+    student = DeformableDetectionTask(tiny(), distill=DetectionDistillConfig(teacher=str(path), score_threshold=0.005))
+    images, padding = torch.randn(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool)
+    targets = [{**t, "orig_size": torch.tensor([96, 128])} for t in targets_of(([[0.3, 0.3, 0.2, 0.2]], [0]),
+                                                                               ([[0.5, 0.5, 0.4, 0.4]], [1]))]
+    terms, _ = student.losses(images, padding, targets, train=True)
+    with torch.no_grad():
+        confident = (teacher.model(images, padding).logits[-1].sigmoid().max(-1).values >= 0.005).sum(1)
+    assert terms["teacher_boxes"] == confident.float().mean() and terms["teacher_boxes"] > 0
+    assert torch.isfinite(terms["distill"]) and terms["distill"] > 0
+    terms["total"].backward()
+    assert all(p.grad is None for p in student.teacher.model.parameters())

@@ -208,3 +208,38 @@ def test_positioned_blocks_are_the_core_blocks_with_positions_on_queries_and_key
     pos = torch.randn(2, 5, 16)
     assert not torch.allclose(ours(x, memory, pos, torch.zeros_like(memory))[-1], layers[-1])
 
+
+
+def test_distillation_adds_the_set_loss_on_the_teachers_confident_detections(tmp_path):
+    """distill: the student's set loss against the teacher's last-layer detections scoring at least the threshold,
+    mixed into the total; the teacher stays out of the student's state dict; a teacher of other classes is refused."""
+    from polyformer.checkpoint import to_plain
+    from polyformer.domains.vision.detection.task import DetectionDistillConfig, DetectionTask, last_layer
+
+    torch.manual_seed(0)
+    teacher = DetectionTask(tiny_detr()).eval()
+    path = tmp_path / "teacher.ckpt"
+    torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": to_plain(dict(teacher.hparams))}, path)
+    distill = DetectionDistillConfig(teacher=str(path), score_threshold=0.3, weight=0.25)
+    student = DetectionTask(tiny_detr(), distill=distill)
+    images, padding = torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool)
+    targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]),
+                "orig_size": torch.tensor([64, 64])} for _ in range(2)]
+    torch.manual_seed(1)
+    terms, _ = student.losses(images, padding, targets, train=True)
+    with torch.no_grad():
+        logits, boxes = last_layer(teacher.model(images, padding))
+    scores, labels = logits.softmax(-1)[..., :-1].max(-1)
+    pseudo = [{"boxes": boxes[i][s >= 0.3], "labels": labels[i][s >= 0.3]} for i, s in enumerate(scores)]
+    assert terms["teacher_boxes"] == sum(len(p["labels"]) for p in pseudo) / 2
+    torch.manual_seed(1)
+    student_logits, student_boxes = student.model(images, padding)
+    expected = student.set_loss(student_logits, student_boxes, pseudo)
+    task_only = detr_loss(student_logits, student_boxes, targets, student.model_config.loss)["total"]
+    torch.testing.assert_close(terms["distill"], expected)
+    torch.testing.assert_close(terms["total"], 0.75 * task_only + 0.25 * expected)
+    assert not any(key.startswith("teacher") for key in student.state_dict())
+    other = DetectionTask(tiny_detr(num_classes=3), distill=distill)
+    with pytest.raises(ValueError, match=r"the teacher's outputs \(classes,\) per query are \(2,\), the student's "
+                                         r"\(4,\)"):
+        other.losses(images, padding, targets, train=True)

@@ -2,9 +2,9 @@
 decoder.
 
 A CNN (or the Swin of swin.py) turns the padded image batch into a feature map; a 1×1 convolution brings it to the
-transformer's width, and its H'·W' cells become the tokens of an encoder of the core's blocks, with 2-D sine positions
-added to queries and keys (not values) at every layer (`PositionedBlock`; padding cells masked). The decoder lets a fixed set of
-learned object queries (their embeddings are the decoder's query positions; its input starts at zero) attend to the
+transformer's width, and its H'·W' cells become the tokens of an encoder of the core's blocks, with 2-D sine
+positions added to queries and keys (not values) at every layer (`PositionedBlock`; padding cells masked). The
+decoder lets a fixed set of learned object queries (their embeddings are the decoder's query positions; its input starts at zero) attend to the
 encoded image. Every query predicts a class — one of the k classes or "no object" — and a box (cx, cy, w, h) in
 [0, 1] of the unpadded image. Training matches predictions to the ground truth one-to-one (Hungarian matching on a
 cost of class probability, L1 and generalised IoU of the boxes) and penalises: cross-entropy for every query (the

@@ -3,11 +3,14 @@ Deformable DETR trained the DINO way (deformable_detr.py) — both on a shared `
 mAP@.5 through torchmetrics' MeanAveragePrecision on validation and test, the backbone at a reduced learning rate,
 and `polyformer predict` writing, in the run's folder under predictions/, each image's detections (JSON: box, class
 and score, best first) and a picture with the true boxes (green) and the predicted ones scoring at least
-`score_threshold` (red, with scores)."""
+`score_threshold` (red, with scores). With `distill`, a frozen teacher detector's confident detections are a second
+target set for the student's set loss (pseudo-label distillation: a set predictor's queries have no fixed order to
+match logits by, so its soft targets are boxes)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,13 +25,33 @@ from polyformer.domains.vision.data import load_rgb
 from polyformer.domains.vision.detection.data import VOCDetectionDataModule
 from polyformer.domains.vision.detection.deformable_detr import (DecoderLayer, DeformableDETR,
                                                                  DeformableDETRConfig, EncoderLayer, detection_loss,
-                                                                 top_detections)
+                                                                 set_loss, top_detections)
 from polyformer.domains.vision.detection.detr import DETR, DETRConfig, denoising_loss, detections, detr_loss
 from polyformer.deploy import Exportable
+from polyformer.distillation import TeacherHolder
 from polyformer.finetune import FinetuneConfig
 from polyformer.training import OptimizerConfig, PolyformerTask
 
 Batch = tuple[Tensor, Tensor, list[dict[str, Tensor]]]
+
+
+@dataclass
+class DetectionDistillConfig:
+    """A teacher detector of the same classes; its last layer's detections scoring at least `score_threshold` are the
+    targets of a second set loss, mixed in with `weight`."""
+
+    teacher: str  # checkpoint of a trained detection task of the student's kind (DETR or Deformable DETR) and classes
+    score_threshold: float = 0.5
+    weight: float = 0.5  # loss = (1 − weight) · task loss + weight · set loss on the teacher's detections
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.score_threshold < 1.0:
+            raise ValueError(f"distill.score_threshold must be in (0, 1), found {self.score_threshold}")
+        if not 0.0 <= self.weight <= 1.0:
+            raise ValueError(f"distill.weight must be in [0, 1], found {self.weight}")
+
+    def mix(self, task_loss: Tensor, distill_loss: Tensor) -> Tensor:
+        return (1 - self.weight) * task_loss + self.weight * distill_loss
 
 
 def pixel_boxes(target: dict[str, Tensor]) -> Tensor:
@@ -50,8 +73,10 @@ class DetectorTask(PolyformerTask):
 
     def __init__(self, optimizer: OptimizerConfig | None = None, *, backbone_lr_scale: float, score_threshold: float,
                  export_size: tuple[int, int] = (384, 512), init_from: str | None = None,
-                 finetune: FinetuneConfig | None = None):
+                 finetune: FinetuneConfig | None = None, distill: DetectionDistillConfig | None = None):
         super().__init__(optimizer, init_from=init_from, finetune=finetune)
+        self.distill = distill
+        self.teacher = TeacherHolder(distill) if distill is not None else None
         if not 0.0 < backbone_lr_scale <= 1.0:
             raise ValueError(f"backbone_lr_scale must be in (0, 1], found {backbone_lr_scale}")
         self.backbone_lr_scale, self.score_threshold = backbone_lr_scale, score_threshold
@@ -67,6 +92,29 @@ class DetectorTask(PolyformerTask):
     def detect(self, images: Tensor, padding: Tensor, sizes: Tensor) -> list[dict[str, Tensor]]:
         """Every image's detections in pixels of its original size (sizes (b 2) as height, width)."""
         raise NotImplementedError(f"{type(self).__name__} must implement detect()")
+
+    def class_scores(self, logits: Tensor) -> Tensor:
+        """(... k) class probabilities of a query from its logits."""
+        raise NotImplementedError(f"{type(self).__name__} must implement class_scores()")
+
+    def set_loss(self, logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]]) -> Tensor:
+        """The one-to-one set loss of every layer's (logits (L b q ·), boxes (L b q 4)) against `targets`."""
+        raise NotImplementedError(f"{type(self).__name__} must implement set_loss()")
+
+    def distilled(self, terms: dict[str, Tensor], images: Tensor, padding: Tensor, logits: Tensor,
+                  boxes: Tensor) -> dict[str, Tensor]:
+        """With a teacher: terms with "distill", the set loss of the student's (logits, boxes) against the teacher's
+        detections scoring at least distill.score_threshold, mixed into "total"."""
+        teacher_logits, teacher_boxes = last_layer(self.teacher(self, images, padding))  # (b q' ·), (b q' 4)
+        self.teacher.check(teacher_logits[0, 0], logits[-1, 0, 0], "(classes,) per query")
+        scores, labels = self.class_scores(teacher_logits.float()).max(dim=-1)  # (b q')
+        confident = scores >= self.distill.score_threshold
+        pseudo = [{"boxes": teacher_boxes[i][keep].float(), "labels": labels[i][keep]}
+                  for i, keep in enumerate(confident)]
+        terms["distill"] = self.set_loss(logits, boxes, pseudo)
+        terms["teacher_boxes"] = confident.sum(dim=1).float().mean().detach()
+        terms["total"] = self.distill.mix(terms["total"], terms["distill"])
+        return terms
 
     def setup(self, stage: str) -> None:
         datamodule = self.datamodule
@@ -165,9 +213,14 @@ class LastLayerOutputs(torch.nn.Module):
         self.model = model
 
     def forward(self, images: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.model(images, padding_mask)
-        logits, boxes = (out.logits, out.boxes) if hasattr(out, "logits") else out  # Deformable DETR's, DETR's
-        return logits[-1], boxes[-1]
+        return last_layer(self.model(images, padding_mask))
+
+
+def last_layer(out) -> tuple[Tensor, Tensor]:
+    """The last decoder layer's (logits (b q ·), boxes (b q 4)) of a detector's output: Deformable DETR's Outputs
+    or DETR's (logits, boxes) of every layer."""
+    logits, boxes = (out.logits, out.boxes) if hasattr(out, "logits") else out
+    return logits[-1], boxes[-1]
 
 
 class DetectionTask(DetectorTask):
@@ -180,10 +233,10 @@ class DetectionTask(DetectorTask):
                  score_threshold: float = 0.5,  # predict: the detections drawn in the pictures
                  export_size: tuple[int, int] = (384, 512),  # export: the (height, width) of the exported graph
                  init_from: str | None = None, finetune: FinetuneConfig | None = None,
-                 detr: DETRConfig | None = None):
+                 distill: DetectionDistillConfig | None = None, detr: DETRConfig | None = None):
         """detr: the old name of `model` (releases up to 0.1.0), read with a deprecation message."""
         super().__init__(optimizer, backbone_lr_scale=backbone_lr_scale, score_threshold=score_threshold,
-                         export_size=export_size, init_from=init_from, finetune=finetune)
+                         export_size=export_size, init_from=init_from, finetune=finetune, distill=distill)
         self.model_config = self.model_argument(model, DETRConfig, detr=detr)
         self.num_classes = self.model_config.num_classes
         self.scores = f"{self.num_classes} + 1 (softmax: class scores and no-object)"
@@ -200,12 +253,20 @@ class DetectionTask(DetectorTask):
         if denoised is not None:
             terms["denoising"] = denoising_loss(*denoised, self.model_config.loss)["total"]
             terms["total"] = terms["total"] + terms["denoising"]
+        if train and self.teacher is not None:
+            terms = self.distilled(terms, images, padding, logits, boxes)
         sizes = torch.stack([t["orig_size"] for t in targets])
         return terms, detections(logits[-1], boxes[-1], sizes)
 
     def detect(self, images: Tensor, padding: Tensor, sizes: Tensor) -> list[dict[str, Tensor]]:
         logits, boxes = self.model(images, padding)
         return detections(logits[-1], boxes[-1], sizes)
+
+    def class_scores(self, logits: Tensor) -> Tensor:
+        return logits.softmax(dim=-1)[..., :-1]  # the last class is "no object"
+
+    def set_loss(self, logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]]) -> Tensor:
+        return detr_loss(logits, boxes, targets, self.model_config.loss)["total"]
 
 
 class DeformableDetectionTask(DetectorTask):
@@ -219,10 +280,10 @@ class DeformableDetectionTask(DetectorTask):
                  score_threshold: float = 0.3,  # predict: the detections drawn in the pictures
                  export_size: tuple[int, int] = (384, 512),  # export: the (height, width) of the exported graph
                  init_from: str | None = None, finetune: FinetuneConfig | None = None,
-                 detector: DeformableDETRConfig | None = None):
+                 distill: DetectionDistillConfig | None = None, detector: DeformableDETRConfig | None = None):
         """detector: the old name of `model` (releases up to 0.1.0), read with a deprecation message."""
         super().__init__(optimizer, backbone_lr_scale=backbone_lr_scale, score_threshold=score_threshold,
-                         export_size=export_size, init_from=init_from, finetune=finetune)
+                         export_size=export_size, init_from=init_from, finetune=finetune, distill=distill)
         self.model_config = self.model_argument(model, DeformableDETRConfig, detector=detector)
         self.num_classes = self.model_config.num_classes
         self.scores = f"{self.num_classes} (sigmoid: class scores)"
@@ -238,10 +299,18 @@ class DeformableDetectionTask(DetectorTask):
                ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
         out = self.model(images, padding, targets if train else None)
         terms = detection_loss(out, targets, self.model_config)
+        if train and self.teacher is not None:
+            terms = self.distilled(terms, images, padding, out.logits, out.boxes)
         sizes = torch.stack([t["orig_size"] for t in targets])
         return terms, top_detections(out.logits[-1], out.boxes[-1], sizes)
 
     def detect(self, images: Tensor, padding: Tensor, sizes: Tensor) -> list[dict[str, Tensor]]:
         out = self.model(images, padding)
         return top_detections(out.logits[-1], out.boxes[-1], sizes)
+
+    def class_scores(self, logits: Tensor) -> Tensor:
+        return logits.sigmoid()
+
+    def set_loss(self, logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]]) -> Tensor:
+        return set_loss(logits, boxes, targets, self.model_config.loss)["total"]
 
