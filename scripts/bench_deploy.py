@@ -42,8 +42,7 @@ import torch
 import yaml
 
 from polyformer.bench import QUICK, fit_and_test, history, polyformer, run, runs_parser, summarise, write_json
-from polyformer.checkpoint import import_class
-from polyformer.cli import task_from
+from polyformer.cli import datamodule_from, task_from
 from polyformer.deploy import OnnxModel, export_onnx, file_megabytes, max_abs_diff, quantize_int8
 from polyformer.training import PolyformerTask
 
@@ -95,7 +94,7 @@ def committed_task(domain: str) -> PolyformerTask:
 def datamodule(domain: str):
     """The test data of the domain's config, as its data module (set up for testing)."""
     data = read_config(domain)["data"]
-    dm = import_class(data["class_path"])(**data.get("init_args", {}))
+    dm = datamodule_from(data)
     dm.prepare_data()
     dm.setup("test")
     return dm

@@ -48,7 +48,7 @@ from torchvision.ops import box_convert
 from transformers import DeformableDetrConfig
 from transformers.models.deformable_detr.modeling_deformable_detr import DeformableDetrMultiscaleDeformableAttention
 
-from polyformer.cli import newest_version
+from polyformer.cli import datamodule_from, newest_version
 from polyformer.deformable import MultiScaleDeformableAttention
 from polyformer.domains.vision.detection.backbones import BackboneConfig
 from polyformer.domains.vision.detection.data import IMAGENET_MEAN, IMAGENET_STD, VOCDetectionDataModule
@@ -183,7 +183,8 @@ def evaluate_peer(model, data: VOCDetectionDataModule, quick: bool) -> dict:
 
 def config_data(**overrides) -> VOCDetectionDataModule:
     """The detector config's data module (BCCD, its resolution and batch), `overrides` replacing its settings."""
-    return VOCDetectionDataModule(**{**CONFIG_YAML["data"]["init_args"], **overrides})
+    data = CONFIG_YAML["data"]
+    return datamodule_from({**data, "init_args": {**data["init_args"], **overrides}})
 
 
 def peer_backbone(pretrained: bool) -> BackboneConfig:

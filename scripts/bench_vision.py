@@ -29,8 +29,7 @@ import torch.nn.functional as F
 import yaml
 
 from polyformer.bench import polyformer, run
-from polyformer.cli import newest_version
-from polyformer.checkpoint import import_class
+from polyformer.cli import datamodule_from, newest_version
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = ROOT / "configs" / "vision" / "vit_tiny_digits.yaml"
@@ -106,7 +105,7 @@ def test_accuracy(run: Path) -> float:
     from polyformer.domains.vision import ImageClassificationTask
 
     data_config = yaml.safe_load((run / "config.yaml").read_text())["data"]
-    datamodule = import_class(data_config["class_path"])(**data_config.get("init_args", {}))
+    datamodule = datamodule_from(data_config)
     task = ImageClassificationTask.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     return float(trainer.test(task, datamodule=datamodule, verbose=False)[0]["test/acc1"])
@@ -130,12 +129,11 @@ def rollout_figure(run: Path, path: Path, count: int = 6) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from polyformer.domains.vision import DigitsDataModule, ImageClassificationTask
+    from polyformer.domains.vision import ImageClassificationTask
     from polyformer.domains.vision.rollout import attention_rollout
 
     task = ImageClassificationTask.load_from_checkpoint(run / "checkpoints" / "last.ckpt").eval()
-    init_args = yaml.safe_load((run / "config.yaml").read_text())["data"].get("init_args", {})
-    data = DigitsDataModule(**init_args)
+    data = datamodule_from(yaml.safe_load((run / "config.yaml").read_text())["data"])
     data.setup("test")
     images, labels = next(iter(data.test_dataloader()))
     images, labels = images[:count], labels[:count]

@@ -187,3 +187,15 @@ def test_scripts_start_the_cli_through_their_own_interpreter():
                if isinstance(node, ast.List) and node.elts and isinstance(node.elts[0], ast.Constant)
                and node.elts[0].value == "polyformer"]
     assert not by_name, by_name
+
+
+def test_a_config_data_section_builds_its_data_module_with_typed_nested_arguments():
+    """datamodule_from (what the benchmarks use): nested dataclass arguments arrive as dataclasses, as LightningCLI
+    gives them, not as the dicts of the YAML."""
+    from polyformer.cli import datamodule_from
+    from polyformer.domains.speech.data import AudioConfig, SpeechLoaderConfig
+
+    data = datamodule_from({"class_path": "polyformer.domains.speech.LibriSpeechDataModule",
+                            "init_args": {"root": "corpus", "audio": {"max_duration": 3.0},
+                                          "loader": {"num_workers": 0}}})
+    assert data.audio == AudioConfig(max_duration=3.0) and data.loader == SpeechLoaderConfig(num_workers=0)

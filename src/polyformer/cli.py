@@ -273,6 +273,18 @@ def task_from(configs: Sequence[str], ckpt_path: str) -> PolyformerTask:
     return (import_class(class_path).load_from_checkpoint(ckpt_path) if class_path else load_task(ckpt_path)).eval()
 
 
+def datamodule_from(data: dict[str, Any]) -> L.LightningDataModule:
+    """The data module a config's `data` section ({class_path, init_args}) describes, built as LightningCLI builds
+    it: nested dataclass arguments (a data module's `loader`, `audio`, `spec`) typed, not left as dicts."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(L.LightningDataModule, "data", required=True)
+    config = parser.parse_object({"data": data})
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # the latter before 4.49
+    return instantiate(config).data
+
+
 def export_command(argv: Sequence[str]) -> None:
     """polyformer export -c <config> --ckpt_path <ckpt> --format onnx|pt2 --out <path> [--no-check]"""
     parser = argparse.ArgumentParser(prog="polyformer export", description=(
