@@ -26,21 +26,30 @@ from polyformer.training import PolyformerTask, load_task
 
 
 @dataclass
-class DistillConfig:
-    """A teacher checkpoint, the softmax temperature of soft targets, and the weight of the distillation loss."""
+class TeacherConfig:
+    """A teacher checkpoint and the weight of the loss against it; what every kind of distillation shares."""
 
     teacher: str  # checkpoint of a trained task (its model's outputs have the student's shape)
-    temperature: float = 2.0  # T of softmax(logits / T); unused for real-valued outputs
     weight: float = 0.5  # loss = (1 − weight) · task loss + weight · distillation loss
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"distill.temperature must be positive, found {self.temperature}")
         if not 0.0 <= self.weight <= 1.0:
             raise ValueError(f"distill.weight must be in [0, 1], found {self.weight}")
 
     def mix(self, task_loss: Tensor, distill_loss: Tensor) -> Tensor:
         return (1 - self.weight) * task_loss + self.weight * distill_loss
+
+
+@dataclass
+class DistillConfig(TeacherConfig):
+    """Soft targets: the teacher's outputs at softmax temperature `temperature` (Hinton et al. 2015)."""
+
+    temperature: float = 2.0  # T of softmax(logits / T); unused for real-valued outputs
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.temperature <= 0:
+            raise ValueError(f"distill.temperature must be positive, found {self.temperature}")
 
 
 def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float,

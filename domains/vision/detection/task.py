@@ -28,7 +28,7 @@ from polyformer.domains.vision.detection.deformable_detr import (DecoderLayer, D
                                                                  set_loss, top_detections)
 from polyformer.domains.vision.detection.detr import DETR, DETRConfig, denoising_loss, detections, detr_loss
 from polyformer.deploy import Exportable
-from polyformer.distillation import TeacherHolder
+from polyformer.distillation import TeacherConfig, TeacherHolder
 from polyformer.finetune import FinetuneConfig
 from polyformer.training import OptimizerConfig, PolyformerTask
 
@@ -36,22 +36,16 @@ Batch = tuple[Tensor, Tensor, list[dict[str, Tensor]]]
 
 
 @dataclass
-class DetectionDistillConfig:
-    """A teacher detector of the same classes; its last layer's detections scoring at least `score_threshold` are the
-    targets of a second set loss, mixed in with `weight`."""
+class DetectionDistillConfig(TeacherConfig):
+    """A teacher detector of the same classes (DETR or Deformable DETR, the student's kind); its last layer's
+    detections scoring at least `score_threshold` are the targets of a second set loss, mixed in with `weight`."""
 
-    teacher: str  # checkpoint of a trained detection task of the student's kind (DETR or Deformable DETR) and classes
     score_threshold: float = 0.5
-    weight: float = 0.5  # loss = (1 − weight) · task loss + weight · set loss on the teacher's detections
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 < self.score_threshold < 1.0:
             raise ValueError(f"distill.score_threshold must be in (0, 1), found {self.score_threshold}")
-        if not 0.0 <= self.weight <= 1.0:
-            raise ValueError(f"distill.weight must be in [0, 1], found {self.weight}")
-
-    def mix(self, task_loss: Tensor, distill_loss: Tensor) -> Tensor:
-        return (1 - self.weight) * task_loss + self.weight * distill_loss
 
 
 def pixel_boxes(target: dict[str, Tensor]) -> Tensor:
