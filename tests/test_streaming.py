@@ -159,3 +159,21 @@ def test_the_epoch_after_a_resumed_epoch_cut_short_starts_afresh(listops_stream)
     next(batches)  # the resumed epoch, cut short after one of its remaining four batches
     del batches
     assert len(list(resumed)) == 6  # the next epoch: all of its batches
+
+
+def test_a_remote_manifest_is_read_through_fsspec_and_a_missing_one_is_refused(listops_stream):
+    import fsspec
+
+    from polyformer.streaming import read_manifest
+
+    memory = fsspec.filesystem("memory")
+    text = (listops_stream / "train" / MANIFEST).read_text()
+    memory.pipe("/bucket/listops/train/" + MANIFEST, text.encode())
+    try:
+        assert read_manifest("memory://bucket/listops/train") == json.loads(text)
+        with pytest.raises(StreamError, match=r"stream memory://bucket/listops/val: cannot read its polyformer.json"):
+            read_manifest("memory://bucket/listops/val")
+        with pytest.raises(StreamError, match=r"stream nosuch://bucket/train: cannot open its protocol"):
+            read_manifest("nosuch://bucket/train")
+    finally:
+        memory.rm("/bucket", recursive=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import fsspec.core
 import litdata
 from litdata import StreamingDataLoader, StreamingDataset
 
@@ -99,18 +99,18 @@ def write_stream(source: StreamSource, out: str | Path, *, split: str, chunk_byt
 
 
 def read_manifest(uri: str) -> dict:
-    """The manifest of one split's stream folder (fetched through litdata's object-store access for a URI)."""
+    """The manifest of one split's stream folder, read through fsspec for a URI (s3:// needs s3fs, gs:// gcsfs)."""
     if is_remote(uri):
-        from litdata.streaming.fs_provider import _get_fs_provider as fs_provider  # litdata's object-store client
-
-        with tempfile.TemporaryDirectory() as folder:
-            local = Path(folder) / MANIFEST
-            try:
-                fs_provider(uri).download_file(split_uri(uri, MANIFEST), str(local))
-            except Exception as error:  # the providers raise their own kinds
-                raise StreamError(f"stream {uri}: cannot read its {MANIFEST} ({error}): expected a folder written by "
-                                  f"`polyformer stream`") from None
-            return parse_manifest(local.read_text(), uri)
+        try:
+            store, path = fsspec.core.url_to_fs(split_uri(uri, MANIFEST))
+        except (ImportError, ValueError) as error:  # fsspec names the package the protocol needs, or an unknown one
+            raise StreamError(f"stream {uri}: cannot open its protocol ({error})") from None
+        try:
+            text = store.cat_file(path).decode()
+        except Exception as error:  # the file systems raise their own kinds
+            raise StreamError(f"stream {uri}: cannot read its {MANIFEST} ({error}): expected a folder written by "
+                              f"`polyformer stream`") from None
+        return parse_manifest(text, uri)
     path = Path(uri.removeprefix("local:")) / MANIFEST
     if not path.is_file():
         found = "no such folder" if not path.parent.is_dir() else (
