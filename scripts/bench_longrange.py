@@ -4,6 +4,7 @@
                                       [--tasks text listops pathfinder] [--kernels full local linear] [--peers lstm s4d]
                                       [--modes scratch spt]
                                       [--minutes text=7 listops=5 pathfinder=5] [--seed 0]
+                                      [--position sinusoidal|learned|rope|alibi]
 
 Cells: the three attention kernels (--kernels) on Text, the kernel with the best self-pretrained validation accuracy
 on Text on ListOps and Pathfinder (the first of --kernels when Text is not run), the LSTM and S4D peers (--peers) on
@@ -77,16 +78,20 @@ def generate_data(task: str) -> None:
         pathfinder.generate(pathfinder.PathfinderSpec(**spec), CACHE)
 
 
-def cell(task: str, model: str, mode: str, minutes: float, out: Path, quick: bool, seed: int, reuse: bool) -> dict:
-    """Trains, validates and tests one cell; its record (out/records/<name>.json) lets --reuse skip it."""
-    name = f"{task}_{model}_{mode}_seed{seed}"
+def cell(task: str, model: str, mode: str, minutes: float, out: Path, quick: bool, seed: int, reuse: bool,
+         position: str = "sinusoidal") -> dict:
+    """Trains, validates and tests one cell (the transformer's positions: `position`); its record
+    (out/records/<name>.json) lets --reuse skip it."""
+    transformer = model in KERNELS
+    name = f"{task}_{model}{f'_{position}' if transformer and position != 'sinusoidal' else ''}_{mode}_seed{seed}"
 
     def produce() -> dict:
         if quick:  # the CPU configs validate after the fit only; quick validates its one epoch
             budget = [*QUICK, "--trainer.val_check_interval=1.0", "--trainer.log_every_n_steps=1", *QUICK_DATA[task]]
         else:
             budget = [f"--trainer.max_time={max_time(minutes / (2 if mode == 'spt' else 1))}"]
-        common = [f"--seed_everything={seed}", f"--run.root={out / 'runs'}", "--run.domain=longrange", *budget]
+        common = [f"--seed_everything={seed}", f"--run.root={out / 'runs'}", "--run.domain=longrange", *budget,
+                  *([f"--model.init_args.model.transformer.position={position}"] if transformer else [])]
         seconds, init = 0.0, []
         if mode == "spt":
             files = configs(task, model, pretrain=True)
@@ -124,7 +129,12 @@ def main() -> None:
                         help="wall minutes per cell, task=minutes")
     parser.add_argument("--jobs", type=int, default=2, help="cells at a time (one torch thread each)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--position", default="sinusoidal", choices=("sinusoidal", "learned", "rope", "alibi"),
+                        help="the transformers' positions (alibi and rope act on scores: not with --kernels linear)")
     args = parser.parse_args()
+    if args.position in ("rope", "alibi") and "linear" in args.kernels:
+        raise SystemExit(f"--position {args.position} acts on attention scores, which the linear kernel does not form: "
+                         f"drop linear from --kernels or use sinusoidal / learned positions")
     minutes = {task: 7.0 for task in TASKS}
     for item in args.minutes:
         if not re.fullmatch(r"(text|listops|pathfinder)=[0-9.]+", item):
@@ -134,8 +144,8 @@ def main() -> None:
 
     def run_cells(cells: list[tuple[str, str, str]]) -> dict:
         with ThreadPoolExecutor(args.jobs) as pool:
-            futures = {c: pool.submit(cell, *c, minutes[c[0]], args.out, args.quick, args.seed, args.reuse)
-                       for c in cells}
+            futures = {c: pool.submit(cell, *c, minutes[c[0]], args.out, args.quick, args.seed, args.reuse,
+                                      args.position) for c in cells}
         return {c: future.result() for c, future in futures.items()}
 
     if not args.quick:
@@ -182,7 +192,7 @@ def main() -> None:
                      "data": {"text": "aclImdb train: 1,000 val, 1,000 held-out test, the rest training",
                               "listops": "generated: 20,000 / 1,000 / 1,000, 500-2,000 tokens",
                               "pathfinder": "generated: 40,000 / 2,000 / 2,000, contour length 10"},
-                     "widths": {"transformer": "dim 64, 2 blocks, 4 heads, mlp 128, sinusoidal",
+                     "widths": {"transformer": f"dim 64, 2 blocks, 4 heads, mlp 128, {args.position}",
                                 "lstm": "bidirectional, 48 per direction", "s4d": "dim 64, 3 blocks, state 48"},
                      "local_window": 256},
     }
