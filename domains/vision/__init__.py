@@ -11,4 +11,4 @@ from polyformer.domains.vision.data import (
 from polyformer.domains.vision.model import PatchEmbed, ViTConfig, VisionTransformer
 from polyformer.domains.vision.pretrain import MAEPretrainTask
 from polyformer.domains.vision.swin import SwinConfig, SwinTransformer
-from polyformer.domains.vision.task import DistillationConfig, ImageClassificationTask
+from polyformer.domains.vision.task import DistillationConfig, ImageClassificationTask, SwinClassificationTask

@@ -1,7 +1,8 @@
-"""Image classification with a ViT: cross-entropy with label smoothing or soft (Mixup/CutMix) targets, top-1/top-5
+"""Image classification with a ViT or a Swin: cross-entropy with label smoothing or soft (Mixup/CutMix) targets, top-1/top-5
 accuracy, optional initial weights (`init_from`), and distillation from a frozen teacher in either of two ways:
 DeiT's hard labels through a distillation token (`distillation`), or the core's soft targets on the class logits
-(`distill`, Hinton et al. 2015; see polyformer/distillation.py)."""
+(`distill`, Hinton et al. 2015; see polyformer/distillation.py). `SwinClassificationTask` trains swin.py's Swin the
+same way (no distillation token: the soft targets only)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from polyformer.domains.vision.model import ViTConfig, VisionTransformer, pair
+from polyformer.domains.vision.swin import SwinBlock, SwinConfig, SwinTransformer
 from polyformer.domains.vision.timm_compat import timm_weights
 from polyformer.deploy import Exportable
 from polyformer.distillation import DistillConfig, TeacherHolder, soft_target_loss
@@ -68,13 +70,16 @@ class ImageClassificationTask(PolyformerTask):
                              "(soft targets on the class logits), found both")
         self.label_smoothing, self.distillation, self.distill = label_smoothing, distillation, distill
         self.teacher = TeacherHolder(distill) if distill is not None else None
-        self.model = VisionTransformer(self.model_config)
+        self.model = self.build_model(self.model_config)
         k = self.model_config.num_classes
         self.metrics = nn.ModuleDict({
             f"{stage}_{name}": MulticlassAccuracy(k, top_k=top_k, average="micro")
             for stage in ("train", "val", "test") for name, top_k in (("acc1", 1), ("acc5", 5)) if top_k <= k
         })
         self._teacher: list[nn.Module] = []  # a list keeps the teacher out of state_dict, checkpoints and optimizer
+
+    def build_model(self, config: ViTConfig) -> nn.Module:
+        return VisionTransformer(config)
 
     def setup(self, stage: str) -> None:
         datamodule = self.datamodule
@@ -149,3 +154,28 @@ class ImageClassificationTask(PolyformerTask):
 
     def batch_size(self, batch: Any) -> int:
         return batch[0].shape[0]
+
+
+class SwinClassificationTask(ImageClassificationTask):
+    """A Swin classifier (Liu et al. 2021; `model` is swin.py's SwinConfig, timm's argument names) trained as the ViT
+    is: the same loss, label smoothing, Mixup targets, metrics, soft-target distillation (`distill`) and export.
+    `init_from` reads the files the core reads (a checkpoint of this task, a state dict under this model's names)."""
+
+    architecture_fields = ("model.dim", "model.depths", "model.heads", "model.patch_size", "model.window",
+                           "model.in_chans", "model.mlp_ratio")
+    renamed_hparams: dict[str, str] = {}
+    block_types = (SwinBlock,)  # FSDP units and activation checkpointing (polyformer.distributed)
+
+    def __init__(self, model: SwinConfig | None = None, label_smoothing: float = 0.0, init_from: str | None = None,
+                 optimizer: OptimizerConfig | None = None, finetune: FinetuneConfig | None = None,
+                 distill: DistillConfig | None = None):
+        super().__init__(model if model is not None else SwinConfig(), label_smoothing, init_from,
+                         optimizer=optimizer, finetune=finetune, distill=distill)
+
+    def build_model(self, config: SwinConfig) -> nn.Module:
+        if config.num_classes < 1:
+            raise ValueError(f"a classifier needs model.num_classes >= 1, found {config.num_classes}")
+        return SwinTransformer(config)
+
+    def pretrained(self, source: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return PolyformerTask.pretrained(self, source)

@@ -65,3 +65,44 @@ def test_swin_trains_and_rejects_bad_configs():
         SwinConfig(depths=[2, 2], heads=[3])
     with pytest.raises(ValueError, match="stage 1: width 192 is not divisible by heads=5"):
         SwinConfig(heads=[3, 5, 12, 24])
+
+
+def test_swin_digits_config_trains_from_the_cli_and_its_checkpoint_reloads_and_initialises(tmp_path):
+    from pathlib import Path
+
+    import lightning as L
+
+    from polyformer.cli import main
+    from polyformer.domains.vision import DigitsDataModule, SwinClassificationTask
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "vision" / "swin_tiny_digits.yaml"
+    main(["fit", "-c", str(config), f"--run.root={tmp_path}", "--trainer.max_epochs=2",
+          "--trainer.limit_train_batches=10", "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=2",
+          "--data.init_args.batch_size=32", "--model.init_args.optimizer.warmup_steps=0",
+          "--model.init_args.optimizer.schedule=constant"])
+    run = tmp_path / "vision" / "swin_tiny_digits" / "version_0"
+    lines = (run / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    column = header.index("train/loss")
+    losses = [float(row.split(",")[column]) for row in lines[1:] if row.split(",")[column]]
+    assert len(losses) >= 10 and sum(losses[-3:]) < sum(losses[:3])
+    assert "val/acc1" in header
+    task = SwinClassificationTask.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert isinstance(task.model, SwinTransformer) and task.model_config.depths == [2, 2]
+    assert task.block_types and all(isinstance(b, task.block_types) for b in task.model.layers[0].blocks)
+    data = DigitsDataModule()
+    data.setup("test")
+    metrics = L.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu").test(task, datamodule=data,
+                                                                                         verbose=False)[0]
+    assert 0.0 <= metrics["test/acc1"] <= metrics["test/acc5"] <= 1.0
+    # init_from copies every tensor of a checkpoint of the same architecture; another width is refused by name
+    fresh = SwinClassificationTask(task.model_config, init_from=str(run / "checkpoints" / "last.ckpt"))
+    fresh.load_pretrained(str(run / "checkpoints" / "last.ckpt"))
+    for name, value in task.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+    wider = SwinClassificationTask(SwinConfig(img_size=8, patch_size=1, in_chans=1, num_classes=10, dim=32,
+                                              depths=[2, 2], heads=[2, 4], window=4))
+    with pytest.raises(ValueError, match="model.dim"):
+        wider.load_pretrained(str(run / "checkpoints" / "last.ckpt"))
+    with pytest.raises(ValueError, match="model.num_classes >= 1"):
+        SwinClassificationTask(SwinConfig(num_classes=0))

@@ -22,6 +22,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from torchvision.utils import draw_bounding_boxes
 
 from polyformer.domains.vision.data import load_rgb
+from polyformer.domains.vision.swin import SwinBlock
 from polyformer.domains.vision.detection.data import VOCDetectionDataModule
 from polyformer.domains.vision.detection.deformable_detr import (DecoderLayer, DeformableDETR,
                                                                  DeformableDETRConfig, EncoderLayer, detection_loss,
@@ -60,7 +61,8 @@ class DetectorTask(PolyformerTask):
     and implements `losses`."""
 
     inference_fields = ("score_threshold",)
-    block_types = (EncoderLayer, DecoderLayer)  # Deformable DETR's layers; DETR's are the core's TransformerBlock
+    # Deformable DETR's layers and a Swin backbone's blocks; DETR's encoder and decoder are the core's TransformerBlock
+    block_types = (EncoderLayer, DecoderLayer, SwinBlock)
     num_classes: int
 
     scores: str  # how the exported logits become class scores, for the export's description
