@@ -46,8 +46,9 @@ from polyformer.checkpoint import save_weights
 CONFIGS = ROOT / "configs" / "speech"
 REAL = shared_data_dir() / "speech" / "librispeech-sample"
 RECIPES = {"a": [], "b": ["synthetic"], "c": ["bestrq"], "d": ["bestrq", "bestrq_synthetic"]}
-LAYER_DECAY = ["--model.init_args.finetune.layer_decay=0.75"]
-NEW_HEAD = ["--model.init_args.finetune.exclude=[model.head.]", "--model.init_args.finetune.freeze_steps=100"]
+RECIPE_CONFIGS = CONFIGS / "recipes"  # the fine-tuning and decoding choices as YAML, added after a stage's config
+LAYER_DECAY = ["-c", str(RECIPE_CONFIGS / "finetune_layer_decay.yaml")]
+NEW_HEAD = ["-c", str(RECIPE_CONFIGS / "finetune_new_head.yaml")]
 
 
 def language_model(out: Path) -> tuple[Path, Path]:
@@ -143,8 +144,8 @@ def real_benchmark(out: Path, recipes: list[str], quick: bool, json_path: Path |
     """The recipes at seed 0, then the best one's last fine-tuning again at each of `seeds` (its stages reused)."""
     pipeline = Pipeline(out, quick, reuse)
     lm, lexicon = language_model(out / "lm")
-    lm_decoding = ["--model.init_args.decoding=lexicon", f"--model.init_args.lexicon={lexicon}",
-                   f"--model.init_args.lm={lm}", "--model.init_args.beam_size=50"]
+    lm_decoding = ["-c", str(RECIPE_CONFIGS / "lm_beam.yaml"), f"--model.init_args.lexicon={lexicon}",
+                   f"--model.init_args.lm={lm}"]
 
     def measure(recipe: str, seed: int) -> tuple[Path, float, float, float]:
         name, checkpoint = pipeline.recipe(recipe, seed)
