@@ -41,7 +41,10 @@ from polyformer.bench import QUICK, bench_parser, finished, last_value, polyform
 from polyformer.data import PROJECT_ROOT as ROOT
 
 DIGITS = ROOT / "configs" / "vision" / "vit_tiny_digits.yaml"
-AUGMENT = {"shift": [], "full": ["--data.init_args.max_rotation=10", "--data.init_args.max_scale=0.1"]}
+# the two augmentation candidates, each written out: the config itself now holds the chosen one ("full"), so "the
+# config as it is" no longer means shifts alone
+AUGMENT = {name: ["-c", str(ROOT / "configs" / "vision" / "recipes" / f"digits_{recipe}.yaml")]
+           for name, recipe in (("shift", "shift_only"), ("full", "rotate_scale"))}
 DIGITS_SEEDS, CARTPOLE_SEEDS, CHEETAH_SEEDS = (0, 1, 2), (0, 1, 2), (1, 2, 3)
 SPEECH_SEEDS = (1, 2)
 SPEECH_SEED0 = ROOT / "domains" / "speech" / "results" / "bench_speech.json"
