@@ -2,10 +2,10 @@
 # The one command to run when a GPU is there (about 8 minutes on one H100): the core's checks (scripts/gpu_check.py:
 # bf16, the SDPA kernels that take our attention, torch.compile, MFU from counted FLOPs, peak memory), then short
 # bf16-mixed fits of the core's sorting task, eager and --compile true on one GPU and FSDP over every visible GPU,
-# then every domain's training step on its embedded data (ViT on digits, PatchTST on CO2, the Decision Transformer on
-# CartPole, the long-range classifier on generated ListOps, the Conformer on the bundled LibriSpeech samples, and the
-# deformable detector on BCCD where ../shared holds it), eager and compiled; each rank's step time and peak memory
-# from polyformer.distributed.RankReport. Everything lands in bench_out/gpu_check/summary.json.
+# then every domain's training step on its embedded data (ViT and Swin on digits, PatchTST on CO2, the Decision
+# Transformer on CartPole, the long-range classifier on generated ListOps, the Conformer on the bundled LibriSpeech
+# samples, and the deformable detector on BCCD where ../shared holds it), eager and compiled; each rank's step time
+# and peak memory from polyformer.distributed.RankReport. Everything lands in bench_out/gpu_check/summary.json.
 #   scripts/gpu_check.sh            # on a GPU machine
 #   scripts/gpu_check.sh --dry-run  # the same on CPU (small shapes, 32-bit, FSDP over 2 processes, the domains'
 #                                   # steps eager only): what CI runs
@@ -48,6 +48,7 @@ domain() {  # name config [extra options...]
   done
 }
 domain vision configs/vision/vit_tiny_digits.yaml
+domain swin configs/vision/swin_tiny_digits.yaml
 domain timeseries configs/timeseries/patchtst_co2_demo.yaml
 domain rl configs/rl/dt_cartpole.yaml --model.init_args.evaluation=null
 domain longrange configs/longrange/listops.yaml --data.init_args.spec.train=256 --data.init_args.spec.val=16 \
