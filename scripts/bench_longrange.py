@@ -34,6 +34,7 @@ import yaml
 
 from polyformer.bench import QUICK, bench_parser, last_value, last_values, polyformer, recorded, run, write_json
 from polyformer.checkpoint import save_weights
+from polyformer.transformer import TransformerConfig
 from polyformer.cli import newest_version
 from polyformer.data import PROJECT_ROOT as ROOT
 from polyformer.domains.longrange import listops, pathfinder
@@ -132,9 +133,11 @@ def main() -> None:
     parser.add_argument("--position", default="sinusoidal", choices=("sinusoidal", "learned", "rope", "alibi"),
                         help="the transformers' positions (alibi and rope act on scores: not with --kernels linear)")
     args = parser.parse_args()
-    if args.position in ("rope", "alibi") and "linear" in args.kernels:
-        raise SystemExit(f"--position {args.position} acts on attention scores, which the linear kernel does not form: "
-                         f"drop linear from --kernels or use sinusoidal / learned positions")
+    for kernel in args.kernels:  # the configs' own check, before any cell runs
+        try:
+            TransformerConfig(attention=kernel, position=args.position, window=256)
+        except ValueError as error:
+            raise SystemExit(f"--kernels {kernel} with --position {args.position}: {error}") from None
     minutes = {task: 7.0 for task in TASKS}
     for item in args.minutes:
         if not re.fullmatch(r"(text|listops|pathfinder)=[0-9.]+", item):

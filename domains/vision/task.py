@@ -1,6 +1,6 @@
-"""Image classification with a ViT or a Swin: cross-entropy with label smoothing or soft (Mixup/CutMix) targets, top-1/top-5
-accuracy, optional initial weights (`init_from`), and distillation from a frozen teacher in either of two ways:
-DeiT's hard labels through a distillation token (`distillation`), or the core's soft targets on the class logits
+"""Image classification with a ViT or a Swin: cross-entropy with label smoothing or soft (Mixup/CutMix) targets,
+top-1/top-5 accuracy, optional initial weights (`init_from`), and distillation from a frozen teacher in either of two
+ways: DeiT's hard labels through a distillation token (`distillation`), or the core's soft targets on the class logits
 (`distill`, Hinton et al. 2015; see polyformer/distillation.py). `SwinClassificationTask` trains swin.py's Swin the
 same way (no distillation token: the soft targets only)."""
 
