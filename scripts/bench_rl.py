@@ -3,8 +3,9 @@
     python scripts/bench_rl.py [--quick] [--json PATH] [--figure PATH] [--threads N]
 
 1. CartPole-v1 (the project's own mixed data): trains the DT (configs/rl/dt_cartpole.yaml) and BC
-   (configs/rl/bc_cartpole.yaml) through the `polyformer` CLI, evaluates the DT at targets 50..500 and BC, and
-   draws the DT paper's figure: achieved return against target return, with the dataset's best and mean marked.
+   (configs/rl/bc_cartpole.yaml) as `polyformer fit` processes (polyformer.bench, in a temporary folder), evaluates
+   the DT at targets 50..500 and BC, and draws the DT paper's figure: achieved return against target return, with
+   the dataset's best and mean marked.
 2. HalfCheetah-v5: the 30-minute target runs are too long for a benchmark; their eval.json (written when
    `polyformer fit` ends, see domains/rl/README.md) is read from --runs and its path printed. Missing runs → null.
 3. Acting latency: per-step time with the KV cache against recomputing the context (a full forward over the steps
@@ -27,31 +28,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from polyformer.cli import newest_with
+from polyformer import bench
+from polyformer.cli import newest_version, newest_with
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fit(config: str, run_root: Path, extra: list[str]) -> tuple[list[dict], float]:
-    """Trains through the polyformer CLI (evaluation runs at the end of fit); returns eval rows and wall seconds."""
-    from polyformer.cli import PolyformerCLI
+def fit(config: str, out: Path, extra: list[str], threads: int | None) -> tuple[list[dict], float]:
+    """Trains through `polyformer fit` (evaluation runs at the end of fit) with `threads` torch threads (None: torch's
+    choice); returns the eval rows and the fit process's wall seconds."""
+    name = Path(config).stem
+    command = bench.polyformer("fit", "-c", str(ROOT / config), f"--run.root={out / 'runs'}", f"--run.name={name}",
+                               "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra)
+    seconds = bench.run(command, out / "logs" / f"{name}.fit.log", threads=threads)
+    return json.loads((newest_version(bench.run_dir(out, Path(config), name)) / "eval.json").read_text()), seconds
 
-    start = time.perf_counter()
-    cli = PolyformerCLI(args=["fit", "-c", str(ROOT / config), "--run.root", str(run_root),
-                              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra])
-    seconds = time.perf_counter() - start
-    return json.loads((Path(cli.trainer.log_dir) / "eval.json").read_text()), seconds
 
-
-def cartpole(args, run_root: Path) -> dict:
+def cartpole(args, out: Path) -> dict:
     from scipy.stats import spearmanr
 
     from polyformer.domains.rl.data import load_offline_data
 
     data = load_offline_data("polyformer/cartpole/mixed-v0")
     extra = ["--trainer.max_steps=300"] if args.quick else []
-    dt_rows, dt_seconds = fit("configs/rl/dt_cartpole.yaml", run_root, extra)
-    bc_rows, bc_seconds = fit("configs/rl/bc_cartpole.yaml", run_root, extra)
+    dt_rows, dt_seconds = fit("configs/rl/dt_cartpole.yaml", out, extra, args.threads)
+    bc_rows, bc_seconds = fit("configs/rl/bc_cartpole.yaml", out, extra, args.threads)
     targets = [row["target"] for row in dt_rows]
     means = [row["return_mean"] for row in dt_rows]
     at_500 = next(row for row in dt_rows if row["target"] == 500)

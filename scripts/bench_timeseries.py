@@ -1,10 +1,12 @@
 """Time-series benchmark: PatchTST and DLinear on an ETT-format file against the published figures, a forecast plot,
 and training throughput of our PatchTST against HF transformers' PatchTSTForPrediction.
 
-    python scripts/bench_timeseries.py [--quick] [--csv PATH] [--horizons 96,192,336,720] [--json PATH]
+    python scripts/bench_timeseries.py [--quick] [--csv PATH] [--horizons 96,192,336,720] [--json PATH] [--out DIR]
+                                       [--reuse]
 
-Each horizon trains configs/timeseries/patchtst_etth1_{H}.yaml and dlinear_etth1_96.yaml (horizon overridden) with
-`polyformer`'s own CLI objects, then tests the checkpoint with the best validation MSE on every test window.
+Each horizon trains configs/timeseries/patchtst_etth1_{H}.yaml and dlinear_etth1_96.yaml (horizon overridden) as
+`polyformer fit` processes (polyformer.bench), then tests the checkpoint with the best validation MSE on every test
+window; --reuse reads finished runs' records from --out instead.
 Throughput: both models built the same way (L 336, patch 16, stride 8, 41 patches: our end padding is off here because
 HF has none; d 16, 4 heads, 3 layers, ffn 128, post-norm BatchNorm, dropout 0.3, RevIN / std scaling, MSE, AdamW),
 one training step each in turn (a rotating order) on the same batch, medians over the timed steps; ratio = our
@@ -24,6 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from polyformer.bench import bench_parser, last_value, polyformer, recorded, run, run_dir, write_json
+from polyformer.cli import newest_version
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "timeseries"
 
@@ -36,12 +41,9 @@ PUBLISHED = {
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a few batches per stage: checks the script, no result")
-    parser.add_argument("--csv", default=None, help="ETT-format CSV (default: $POLYFORMER_ETT_CSV or ETTh1)")
+    parser = bench_parser(__doc__.splitlines()[0], ROOT / "bench_out" / "timeseries")
+    parser.add_argument("--csv", type=Path, default=None, help="ETT-format CSV (default: $POLYFORMER_ETT_CSV or ETTh1)")
     parser.add_argument("--horizons", default=None, help="comma-separated H (default 96,192,336,720; --quick: 96)")
-    parser.add_argument("--json", default=None, help="write the figures to this JSON file")
-    parser.add_argument("--out", default="bench_out/timeseries", help="folder for runs and the forecast PNG")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is fastest on a shared, oversubscribed machine)")
     parser.add_argument("--throughput-steps", type=int, default=None, help="timed steps per model (default 20)")
@@ -55,41 +57,57 @@ def default_csv() -> Path:
     return Path(os.environ.get("POLYFORMER_ETT_CSV", shared_data_dir() / "ett" / "ETTh1.csv"))
 
 
-def build(config: Path, horizon: int, csv: Path, out: Path, quick: bool):
-    """The CLI's model, data and trainer for `config` at horizon H, without running a subcommand."""
-    from polyformer.cli import PolyformerCLI
+def train_and_test(config: Path, horizon: int, csv: Path, out: Path, quick: bool, threads: int,
+                   reuse: bool) -> dict:
+    """`polyformer fit` of `config` at horizon H, then `polyformer test` of its checkpoint with the best validation
+    MSE on every test window (polyformer.bench; with `reuse`, a finished run's record is read back)."""
+    name = f"{config.stem}_h{horizon}"
+    where = [f"--model.init_args.model.horizon={horizon}", f"--data.init_args.horizon={horizon}",
+             f"--data.init_args.path={csv}", f"--run.root={out / 'runs'}", f"--run.name={name}",
+             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+             *(["--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=2",
+                "--trainer.limit_test_batches=2"] if quick else [])]
 
-    args = ["-c", str(config), f"--model.init_args.model.horizon={horizon}", f"--data.init_args.horizon={horizon}",
-            f"--data.init_args.path={csv}", f"--run.root={out / 'runs'}", f"--run.name={config.stem}_h{horizon}",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-    if quick:
-        args += ["--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=2",
-                 "--trainer.limit_test_batches=2"]
-    return PolyformerCLI(args=args, run=False)
+    def produce() -> dict:
+        seconds = run(polyformer("fit", "-c", str(config), *where), out / "logs" / f"{name}.fit.log", threads=threads)
+        best = newest_version(run_dir(out, config, name)) / "checkpoints" / "best.ckpt"
+        run(polyformer("test", "-c", str(config), *where, f"--ckpt_path={best}"), out / "logs" / f"{name}.test.log",
+            threads=threads)
+        folder = run_dir(out, config, name)
+        return {"mse": last_value(folder, "test/mse"), "mae": last_value(folder, "test/mae"), "seconds": seconds,
+                "checkpoint": str(best)}
+
+    return recorded(out / "records" / f"{name}.json", reuse, produce)
 
 
-def train_and_test(config: Path, horizon: int, csv: Path, out: Path, quick: bool) -> tuple[dict, float, object]:
-    cli = build(config, horizon, csv, out, quick)
-    start = time.perf_counter()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    seconds = time.perf_counter() - start
-    metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)[0]
-    return metrics, seconds, cli
+def test_data(config: Path, horizon: int, csv: Path):
+    """The config's data module at horizon H on `csv`, set up for testing."""
+    import yaml
+
+    from polyformer.cli import datamodule_from
+
+    section = yaml.safe_load(config.read_text())["data"]
+    section["init_args"] |= {"horizon": horizon, "path": str(csv)}
+    data = datamodule_from(section)
+    data.setup("test")
+    return data
 
 
-def plot_forecast(patchtst_cli, dlinear_cli, horizon: int, path: Path) -> None:
-    """Lookback tail, truth and both forecasts of the last channel (OT for ETT) for the middle test window."""
+def plot_forecast(data, patchtst: tuple[Path, dict], dlinear: tuple[Path, dict], horizon: int, path: Path) -> None:
+    """Lookback tail, truth and both forecasts of the last channel (OT for ETT) for the middle test window, from the
+    two (config, run record)s' tested checkpoints."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = patchtst_cli.datamodule
+    from polyformer.cli import task_from
+
     test = data.datasets["test"]
     x, y = test[len(test) // 2]
     with torch.no_grad():
-        ours = patchtst_cli.model.eval()(x[None])[0, :, -1]
-        linear = dlinear_cli.model.eval()(x[None])[0, :, -1]
+        ours, linear = (task_from([str(config)], record["checkpoint"])(x[None])[0, :, -1]
+                        for config, record in (patchtst, dlinear))
     tail = min(len(x), 2 * horizon)
     past = range(-tail, 0)
     future = range(0, horizon)
@@ -161,36 +179,35 @@ def throughput(steps: int, warmup: int, batch: int = 128) -> dict:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    csv = Path(args.csv) if args.csv else default_csv()
+    csv = (args.csv or default_csv()).resolve()  # the runs start in the repository
     if not csv.is_file():
         raise SystemExit(f"--csv: expected an ETT-format CSV file, found nothing at {csv}")
     if args.throughput_only:
         speed = throughput(args.throughput_steps or (4 if args.quick else 20), warmup=1 if args.quick else 3)
         print(json.dumps(speed, indent=2))
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(speed | {"quick": args.quick}, indent=2) + "\n")
+        write_json(args.json, speed | {"quick": args.quick})
         return
     horizons = [int(h) for h in (args.horizons or ("96" if args.quick else "96,192,336,720")).split(",")]
-    out = Path(args.out)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
 
     results: dict = {"horizons": {}, "csv": str(csv), "quick": args.quick}
     for horizon in horizons:
         config = CONFIGS / f"patchtst_etth1_{horizon}.yaml"
         config = config if config.is_file() else CONFIGS / "patchtst_etth1_96.yaml"
-        patchtst, seconds, patchtst_cli = train_and_test(config, horizon, csv, out, args.quick)
-        dlinear, dlinear_seconds, dlinear_cli = train_and_test(CONFIGS / "dlinear_etth1_96.yaml", horizon, csv, out,
-                                                               args.quick)
+        dlinear_config = CONFIGS / "dlinear_etth1_96.yaml"
+        patchtst = train_and_test(config, horizon, csv, out, args.quick, args.threads, args.reuse)
+        dlinear = train_and_test(dlinear_config, horizon, csv, out, args.quick, args.threads, args.reuse)
+        data = test_data(config, horizon, csv)
         results["horizons"][str(horizon)] = {
-            "mse": patchtst["test/mse"], "mae": patchtst["test/mae"], "train_seconds": seconds,
-            "dlinear_mse": dlinear["test/mse"], "dlinear_mae": dlinear["test/mae"],
-            "dlinear_train_seconds": dlinear_seconds,
-            "test_windows": len(patchtst_cli.datamodule.datasets["test"]),
+            "mse": patchtst["mse"], "mae": patchtst["mae"], "train_seconds": patchtst["seconds"],
+            "dlinear_mse": dlinear["mse"], "dlinear_mae": dlinear["mae"], "dlinear_train_seconds": dlinear["seconds"],
+            "test_windows": len(data.datasets["test"]),
         }
         if horizon == horizons[0]:
-            plot_forecast(patchtst_cli, dlinear_cli, horizon, out / f"forecast_h{horizon}.png")
-            results["plot"] = str(out / f"forecast_h{horizon}.png")
+            plot = out / f"forecast_h{horizon}.png"
+            plot_forecast(data, (config, patchtst), (dlinear_config, dlinear), horizon, plot)
+            results["plot"] = str(plot)
 
     steps = args.throughput_steps or (4 if args.quick else 20)
     speed = throughput(steps, warmup=1 if args.quick else 3)
@@ -211,10 +228,7 @@ def main() -> None:
           f"{speed['hf_samples_per_s']:.0f} samples/s, ratio {speed['ratio']:.2f}")
     if "plot" in results:
         print(f"forecast plot: {results['plot']}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
-        print(f"figures: {args.json}")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":
