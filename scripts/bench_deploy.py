@@ -25,7 +25,8 @@ metric_onnx_fp32, metric_int8, latency_ms ({runtime: {b1, b32}}), latency_ratio_
 size_mb_fp32, size_mb_int8, size_mb_checkpoint; distillation: {domain: {teacher, student_alone,
 student_distilled, student_distilled_selected (means), their _std and _runs, recipe, recipe_selected}};
 distillation_selection: the candidates' validation figures. --quick: a few batches of everything, the first seed
-and two recipe candidates only (a check of the script).
+and two recipe candidates only (a check of the script). --reuse: finished fits are read back, and each domain's
+quantize figures from DIR/records/quantize_<domain>.json, so that the JSON is written again as it was.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from polyformer.bench import QUICK, fit_and_test, history, polyformer, run, runs_parser, summarise, write_json
+from polyformer.bench import (QUICK, fit_and_test, history, polyformer, recorded, run, runs_parser, summarise,
+                              write_json)
 from polyformer.cli import datamodule_from, task_from
 from polyformer.deploy import OnnxModel, export_onnx, file_megabytes, max_abs_diff, quantize_int8
 from polyformer.training import PolyformerTask
@@ -304,7 +306,8 @@ def main() -> None:
     if "quantize" in args.parts:
         for domain in args.domains:
             print(f"quantize: {domain}", flush=True)
-            figures[domain] = quantize_domain(domain, args.out, args.quick)
+            figures[domain] = recorded(args.out / "records" / f"quantize_{domain}.json", args.reuse,
+                                       lambda: quantize_domain(domain, args.out, args.quick))
         for domain, row in figures.get("distillation", {}).items():
             if domain in figures:
                 row["teacher"] = figures[domain]["metric_fp32"]
