@@ -17,6 +17,15 @@ names=("$@")
 if ((${#names[@]} == 0)); then
   for script in scripts/bench_*.py; do names+=("$(basename "$script" .py)"); done
 fi
+quick() {  # quick NAME STEM OPTION...: NAME.py --quick OPTION... --json $out/STEM.json, its log's tail on failure
+  local name=$1 stem=$2
+  shift 2
+  if ! python "scripts/$name.py" --quick "$@" --json "$out/$stem.json" >"$out/$stem.log" 2>&1; then
+    tail -40 "$out/$stem.log"
+    echo "bench_quick: $name --quick $* failed (its output above)"
+    exit 1
+  fi
+}
 summary=()
 for name in "${names[@]}"; do
   echo "=== $name --quick"
@@ -24,19 +33,10 @@ for name in "${names[@]}"; do
   where=()  # every runner-based benchmark takes --out; the others write nothing but their JSON
   usage=$(python "scripts/$name.py" --help | sed -n '/^usage:/,/^$/p')  # the options, not the description's text
   if grep -q -- "\[--out " <<<"$usage"; then where=(--out "$out/$name"); fi
-  if ! python "scripts/$name.py" --quick "${where[@]}" --json "$out/$name.json" >"$out/$name.log" 2>&1; then
-    tail -40 "$out/$name.log"
-    echo "bench_quick: $name --quick failed (its output above)"
-    exit 1
-  fi
+  quick "$name" "$name" "${where[@]}"
   [[ -s "$out/$name.json" ]] || { echo "bench_quick: $name --quick wrote no JSON"; exit 1; }
   if [[ " ${reuse_checked[*]} " == *" $name "* ]]; then  # --reuse on the runs just made writes the same bytes
-    if ! python "scripts/$name.py" --quick --reuse "${where[@]}" --json "$out/$name.reuse.json" \
-        >"$out/$name.reuse.log" 2>&1; then
-      tail -40 "$out/$name.reuse.log"
-      echo "bench_quick: $name --quick --reuse failed (its output above)"
-      exit 1
-    fi
+    quick "$name" "$name.reuse" --reuse "${where[@]}"
     if ! cmp -s "$out/$name.json" "$out/$name.reuse.json"; then
       diff "$out/$name.json" "$out/$name.reuse.json" | head -40
       echo "bench_quick: $name --reuse wrote another JSON than the runs it read (the difference above)"
