@@ -69,11 +69,11 @@ def train_and_test(config: Path, horizon: int, csv: Path, out: Path, quick: bool
                 "--trainer.limit_test_batches=2"] if quick else [])]
 
     def produce() -> dict:
+        folder = run_dir(out, config, name)
         seconds = run(polyformer("fit", "-c", str(config), *where), out / "logs" / f"{name}.fit.log", threads=threads)
-        best = newest_version(run_dir(out, config, name)) / "checkpoints" / "best.ckpt"
+        best = newest_version(folder) / "checkpoints" / "best.ckpt"
         run(polyformer("test", "-c", str(config), *where, f"--ckpt_path={best}"), out / "logs" / f"{name}.test.log",
             threads=threads)
-        folder = run_dir(out, config, name)
         return {"mse": last_value(folder, "test/mse"), "mae": last_value(folder, "test/mae"), "seconds": seconds,
                 "checkpoint": str(best)}
 
