@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from polyformer.bench import (QUICK, fit_and_test, history, polyformer, recorded, run, runs_parser, summarise,
+from polyformer.bench import (QUICK, fit, fit_and_test, history, recorded, run, run_dir, runs_parser, summarise,
                               write_json)
 from polyformer.cli import datamodule_from, task_from
 from polyformer.deploy import OnnxModel, export_onnx, file_megabytes, max_abs_diff, quantize_int8
@@ -210,9 +210,9 @@ def recipe_args(temperature: float, weight: float) -> list[str]:
     return [f"--model.init_args.distill.temperature={temperature}", f"--model.init_args.distill.weight={weight}"]
 
 
-def validation_value(run_dir: Path, name: str, over_epochs: Callable) -> float:
+def validation_value(folder: Path, name: str, over_epochs: Callable) -> float:
     """over_epochs(values of a validation metric, epoch by epoch) of a run."""
-    return over_epochs(history(run_dir, name))
+    return over_epochs(history(folder, name))
 
 
 def select_recipe(domain: str, out: Path, quick: bool, reuse: bool, jobs: int) -> dict:
@@ -224,17 +224,15 @@ def select_recipe(domain: str, out: Path, quick: bool, reuse: bool, jobs: int) -
     candidates = candidates[:2] if quick else candidates  # quick: the selection's code path, not its grid
     metric, over_epochs, best = VALIDATION[domain]
 
-    def fit(recipe: tuple[float, float]) -> float:
+    def validated(recipe: tuple[float, float]) -> float:
         name = f"{config.stem}_select_t{recipe[0]:g}_w{recipe[1]:g}"
-        run_dir = out / "runs" / config.parent.name / name
-        if not (reuse and (run_dir / "version_0" / "checkpoints" / "last.ckpt").is_file()):
-            run(polyformer("fit", "-c", str(config), f"--run.root={out / 'runs'}", f"--run.name={name}",
-                           "--seed_everything=0", *recipe_args(*recipe), *(QUICK if quick else [])),
-                out / "logs" / f"{name}.fit.log")
-        return validation_value(run_dir, metric, over_epochs)
+        folder = run_dir(out, config, name)
+        if not (reuse and (folder / "version_0" / "checkpoints" / "last.ckpt").is_file()):
+            fit([config], out, name, ["--seed_everything=0", *recipe_args(*recipe), *(QUICK if quick else [])])
+        return validation_value(folder, metric, over_epochs)
 
     with ThreadPoolExecutor(jobs) as pool:
-        scores = dict(zip(candidates, pool.map(fit, candidates)))
+        scores = dict(zip(candidates, pool.map(validated, candidates)))
     chosen = best(scores, key=scores.get)
     return {"metric": metric, "seed": 0, "candidates": [{"temperature": t, "weight": w, "value": v}
                                                        for (t, w), v in scores.items()],

@@ -48,14 +48,14 @@ from torchvision.ops import box_convert
 from transformers import DeformableDetrConfig
 from transformers.models.deformable_detr.modeling_deformable_detr import DeformableDetrMultiscaleDeformableAttention
 
-from polyformer.cli import datamodule_from, newest_version
+from polyformer.cli import datamodule_from
 from polyformer.deformable import MultiScaleDeformableAttention
 from polyformer.domains.vision.detection.backbones import BackboneConfig
 from polyformer.domains.vision.detection.data import IMAGENET_MEAN, IMAGENET_STD, VOCDetectionDataModule
 from polyformer.domains.vision.detection.task import DeformableDetectionTask, pixel_boxes
 from polyformer.domains.vision.detection.faster_rcnn import faster_rcnn
 from polyformer.domains.vision.swin import SwinTransformer
-from polyformer.bench import QUICK, bench_parser, finished, last_value, polyformer, recorded, run, write_json
+from polyformer.bench import QUICK, bench_parser, evaluate, finished, fit, last_value, recorded, run_dir, write_json
 from polyformer.checkpoint import save_weights
 from polyformer.data import PROJECT_ROOT as ROOT
 
@@ -120,22 +120,19 @@ def deformable_parity() -> float:
 
 def train_ours(out: Path, name: str, extra: list[str], quick: bool, reuse: bool) -> dict:
     """Fit (its max_time as configured, or cut by `extra`), test the best checkpoint on val, weights-only copy."""
-    run_dir = out / "runs" / "vision" / name
-    where = [f"--run.root={out / 'runs'}", f"--run.name={name}"]
+    folder = run_dir(out, CONFIG, name)
     extra = extra + (QUICK if quick else [])
 
     def fit_and_test() -> dict:
-        seconds = run(polyformer("fit", "-c", str(CONFIG), *where, *extra), out / "logs" / f"{name}.fit.log")
-        best = newest_version(run_dir) / "checkpoints" / "best.ckpt"
-        run(polyformer("test", "-c", str(CONFIG), *where, *extra, f"--ckpt_path={best}"),
-            out / "logs" / f"{name}.test.log")
-        digest = save_weights(best, out / "weights" / f"{name}.ckpt")
+        fitted = fit([CONFIG], out, name, extra)
+        evaluate("test", [CONFIG], out, name, extra, fitted.checkpoint("best"))
+        digest = save_weights(fitted.checkpoint("best"), out / "weights" / f"{name}.ckpt")
         print(f"{out / 'weights' / f'{name}.ckpt'}: sha256 {digest}", flush=True)
-        return {"minutes": seconds / 60, "sha256": digest}
+        return {"minutes": fitted.seconds / 60, "sha256": digest}
 
-    fitted = recorded(out / f"{name}.json", reuse, fit_and_test, done=finished(run_dir, "test/map50") is not None)
-    return {"val_map50": last_value(run_dir, "test/map50"), "val_map": last_value(run_dir, "test/map"),
-            "val_map50_last": last_value(run_dir, "val/map50"), "val_map_last": last_value(run_dir, "val/map"),
+    fitted = recorded(out / f"{name}.json", reuse, fit_and_test, done=finished(folder, "test/map50") is not None)
+    return {"val_map50": last_value(folder, "test/map50"), "val_map": last_value(folder, "test/map"),
+            "val_map50_last": last_value(folder, "val/map50"), "val_map_last": last_value(folder, "val/map"),
             "train_minutes": fitted["minutes"]}
 
 

@@ -32,10 +32,9 @@ from pathlib import Path
 
 import yaml
 
-from polyformer.bench import QUICK, bench_parser, last_value, last_values, polyformer, recorded, run, write_json
+from polyformer.bench import QUICK, bench_parser, evaluate, fit, last_value, last_values, recorded, run_dir, write_json
 from polyformer.checkpoint import save_weights
 from polyformer.transformer import TransformerConfig
-from polyformer.cli import newest_version
 from polyformer.data import PROJECT_ROOT as ROOT
 from polyformer.domains.longrange import listops, pathfinder
 from polyformer.domains.longrange.data import CACHE
@@ -64,10 +63,6 @@ def configs(task: str, model: str, pretrain: bool = False) -> list[Path]:
     return files + ([CONFIGS / "mixers" / f"{model}.yaml"] if model != "full" else [])
 
 
-def config_args(files: list[Path]) -> list[str]:
-    return [arg for file in files for arg in ("-c", str(file.relative_to(ROOT)))]
-
-
 def generate_data(task: str) -> None:
     """Generates a task's splits as its configs (task + CPU cut) define them, before cells run side by side."""
     spec: dict = {}
@@ -91,25 +86,21 @@ def cell(task: str, model: str, mode: str, minutes: float, out: Path, quick: boo
             budget = [*QUICK, "--trainer.val_check_interval=1.0", "--trainer.log_every_n_steps=1", *QUICK_DATA[task]]
         else:
             budget = [f"--trainer.max_time={max_time(minutes / (2 if mode == 'spt' else 1))}"]
-        common = [f"--seed_everything={seed}", f"--run.root={out / 'runs'}", "--run.domain=longrange", *budget,
+        common = [f"--seed_everything={seed}", *budget,
                   *([f"--model.init_args.model.transformer.position={position}"] if transformer else [])]
         seconds, init = 0.0, []
         if mode == "spt":
-            files = configs(task, model, pretrain=True)
-            seconds += run(polyformer("fit", *config_args(files), *common, f"--run.name={name}_pretrain"),
-                           out / "logs" / f"{name}_pretrain.fit.log")
-            pretrained = newest_version(out / "runs" / "longrange" / f"{name}_pretrain") / "checkpoints" / "last.ckpt"
-            init = [f"--model.init_args.init_from={pretrained}"]
+            pretrained = fit(configs(task, model, pretrain=True), out, f"{name}_pretrain", common)
+            seconds += pretrained.seconds
+            init = [f"--model.init_args.init_from={pretrained.checkpoint('last')}"]
         files = configs(task, model)
-        where = [*common, f"--run.name={name}", *init]
-        seconds += run(polyformer("fit", *config_args(files), *where), out / "logs" / f"{name}.fit.log")
-        folder = out / "runs" / "longrange" / name
-        fitted = newest_version(folder)
-        checkpoint = fitted / "checkpoints" / "last.ckpt"
+        fitted = fit(files, out, name, [*common, *init])
+        seconds += fitted.seconds
+        checkpoint = fitted.checkpoint("last")
         for stage in ("validate", "test"):
-            run(polyformer(stage, *config_args(files), *where, f"--ckpt_path={checkpoint}"),
-                out / "logs" / f"{name}.{stage}.log")
-        train = last_values(fitted / "metrics.csv")  # the fit's own version: its last logged values
+            evaluate(stage, files, out, name, [*common, *init], checkpoint)
+        folder = run_dir(out, files[0], name)
+        train = last_values(fitted.version / "metrics.csv")  # the fit's own version: its last logged values
         return {"val": last_value(folder, "val/acc"), "test": last_value(folder, "test/acc"),
                 "minutes": seconds / 60, "tokens_per_s": train["train/tokens_per_s"],
                 "peak_mb": train["train/peak_mb"], "steps": int(train["step"]) + 1, "params": int(train["train/params"]),

@@ -24,9 +24,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from polyformer.bench import QUICK, fit_and_test, polyformer, recorded, run, runs_parser, summarise, write_json
+from polyformer.bench import QUICK, fit, fit_and_test, recorded, runs_parser, summarise, write_json
 from polyformer.checkpoint import save_weights
-from polyformer.cli import newest_version
 from polyformer.data import PROJECT_ROOT as ROOT
 
 CONFIGS = ROOT / "configs"
@@ -38,15 +37,14 @@ def pretrain(config: Path, out: Path, extra: list[str], reuse: bool) -> tuple[Pa
     name = config.stem
     weights = out / "weights" / f"{name}.ckpt"
 
-    def fit() -> dict:
-        seconds = run(polyformer("fit", "-c", str(config), f"--run.root={out / 'runs'}", *extra),
-                      out / "logs" / f"{name}.fit.log")
-        best = newest_version(out / "runs" / config.parent.name / name) / "checkpoints" / "best.ckpt"
+    def produce() -> dict:
+        fitted = fit([config], out, name, extra)
+        best = fitted.checkpoint("best")
         digest = save_weights(best, weights)
         print(f"{weights}: sha256 {digest}", flush=True)
-        return {"minutes": seconds / 60, "sha256": digest, "checkpoint": str(best)}
+        return {"minutes": fitted.seconds / 60, "sha256": digest, "checkpoint": str(best)}
 
-    return weights, recorded(out / "weights" / f"{name}.json", reuse, fit, done=weights.is_file())["minutes"]
+    return weights, recorded(out / "weights" / f"{name}.json", reuse, produce, done=weights.is_file())["minutes"]
 
 
 def vision_jobs(out: Path, weights: Path, seeds: list[int], quick: bool, reuse: bool) -> dict[tuple, tuple]:

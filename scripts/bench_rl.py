@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from polyformer import bench
-from polyformer.cli import newest_version, newest_with
+from polyformer.cli import newest_with
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,11 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def fit(config: str, out: Path, extra: list[str], threads: int | None) -> tuple[list[dict], float]:
     """Trains through `polyformer fit` (evaluation runs at the end of fit) with `threads` torch threads (None: torch's
     choice); returns the eval rows and the fit process's wall seconds."""
-    name = Path(config).stem
-    command = bench.polyformer("fit", "-c", str(ROOT / config), f"--run.root={out / 'runs'}", f"--run.name={name}",
-                               "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra)
-    seconds = bench.run(command, out / "logs" / f"{name}.fit.log", threads=threads)
-    return json.loads((newest_version(bench.run_dir(out, Path(config), name)) / "eval.json").read_text()), seconds
+    fitted = bench.fit([ROOT / config], out, Path(config).stem, ["--trainer.enable_progress_bar=false",
+                                                                 "--trainer.enable_model_summary=false", *extra],
+                       threads=threads)
+    return json.loads((fitted.version / "eval.json").read_text()), fitted.seconds
 
 
 def cartpole(args, out: Path) -> dict:

@@ -37,10 +37,11 @@ from scipy.stats import spearmanr
 
 from polyformer.cli import newest_with
 
-from polyformer.bench import QUICK, bench_parser, finished, last_value, polyformer, run, write_json
+from polyformer.bench import QUICK, bench_parser, evaluate, finished, fit, last_value, run, run_dir, write_json
 from polyformer.data import PROJECT_ROOT as ROOT
 
 DIGITS = ROOT / "configs" / "vision" / "vit_tiny_digits.yaml"
+QUIET = ["--trainer.enable_progress_bar=false"]
 # the two augmentation candidates, each written out: the config itself now holds the chosen one ("full"), so "the
 # config as it is" no longer means shifts alone
 AUGMENT = {name: ["-c", str(ROOT / "configs" / "vision" / "recipes" / f"digits_{recipe}.yaml")]
@@ -64,43 +65,38 @@ class Runner:
     def fit(self, config: Path, name: str, extra: list[str], done: str) -> Path:
         """`polyformer fit` unless --reuse finds `done` (a file such as eval.json or checkpoints/best.ckpt, or a
         metric of the newest version) in the run; returns the run folder."""
-        run_dir = self.out / "runs" / config.parent.name / name
-        found = newest_with(run_dir, done) if Path(done).suffix else finished(run_dir, done)
+        folder = run_dir(self.out, config, name)
+        found = newest_with(folder, done) if Path(done).suffix else finished(folder, done)
         if not (self.reuse and found is not None):
-            run(polyformer("fit", "-c", str(config), *self.where(name), *extra, *(QUICK if self.quick else [])),
-                self.out / "logs" / f"{name}.fit.log")
-        return run_dir
+            fit([config], self.out, name, [*QUIET, *extra, *(QUICK if self.quick else [])])
+        return folder
 
     def test(self, config: Path, name: str, checkpoint: str, extra: list[str], metrics: list[str]) -> dict:
         """`polyformer test` of the run's `checkpoint` (e.g. checkpoints/best.ckpt), once: --reuse reads the newest
         version's `metrics` when it logged them. Returns metric → value."""
-        run_dir = self.out / "runs" / config.parent.name / name
-        if not (self.reuse and finished(run_dir, metrics[0]) is not None):
-            checkpoint_path = newest_with(run_dir, checkpoint)
-            run(polyformer("test", "-c", str(config), *self.where(name), f"--ckpt_path={checkpoint_path}", *extra,
-                           *(QUICK if self.quick else [])), self.out / "logs" / f"{name}.test.log")
-        return {metric: last_value(run_dir, metric) for metric in metrics}
-
-    def where(self, name: str) -> list[str]:
-        return [f"--run.root={self.out / 'runs'}", f"--run.name={name}", "--trainer.enable_progress_bar=false"]
+        folder = run_dir(self.out, config, name)
+        if not (self.reuse and finished(folder, metrics[0]) is not None):
+            evaluate("test", [config], self.out, name, [*QUIET, *extra, *(QUICK if self.quick else [])],
+                     newest_with(folder, checkpoint))
+        return {metric: last_value(folder, metric) for metric in metrics}
 
 
-def eval_rows(run_dir: Path) -> list[dict]:
-    return json.loads(newest_with(run_dir, "eval.json").read_text())
+def eval_rows(folder: Path) -> list[dict]:
+    return json.loads(newest_with(folder, "eval.json").read_text())
 
 
 def digits(runner: Runner, jobs: int) -> dict:
     candidates = {f"{epochs}_{augment}": (epochs, augment) for epochs in (120, 240) for augment in AUGMENT}
 
-    def fit(job: tuple[str, int]) -> tuple[tuple[str, int], float]:
+    def train(job: tuple[str, int]) -> tuple[tuple[str, int], float]:
         key, seed = job
         epochs, augment = candidates[key]
-        run_dir = runner.fit(DIGITS, f"digits_{key}_seed{seed}", [f"--seed_everything={seed}",
-                             f"--trainer.max_epochs={epochs}", *AUGMENT[augment]], "val/acc1")
-        return job, last_value(run_dir, "val/acc1")
+        folder = runner.fit(DIGITS, f"digits_{key}_seed{seed}", [f"--seed_everything={seed}",
+                            f"--trainer.max_epochs={epochs}", *AUGMENT[augment]], "val/acc1")
+        return job, last_value(folder, "val/acc1")
 
     with ThreadPoolExecutor(jobs) as pool:
-        val = dict(pool.map(fit, [(key, seed) for key in candidates for seed in DIGITS_SEEDS]))
+        val = dict(pool.map(train, [(key, seed) for key in candidates for seed in DIGITS_SEEDS]))
     val_means = {key: statistics.mean(val[(key, s)] for s in DIGITS_SEEDS) for key in candidates}
     best = max(val_means.values())
     # candidates within one validation image of the best; the cheapest wins (fewer epochs, then fewer augmentations)
@@ -134,15 +130,15 @@ def rl(runner: Runner, jobs: int) -> dict:
 
     quick = ["--model.init_args.evaluation.episodes=1"] if runner.quick else []
 
-    def fit(key):
+    def train(key):
         config, name, extra = fits[key]
         return key, runner.fit(config, name, [*extra, f"--seed_everything={key[1]}", *quick], "eval.json")
 
     with ThreadPoolExecutor(jobs) as pool:
-        done = dict(pool.map(fit, fits))
+        done = dict(pool.map(train, fits))
     figures: dict = {}
-    for (figure, seed), run_dir in sorted(done.items()):
-        rows = eval_rows(run_dir)
+    for (figure, seed), folder in sorted(done.items()):
+        rows = eval_rows(folder)
         if figure == "cartpole_dt":
             value = next(r["return_mean"] for r in rows if r["target"] == 500)
             figures.setdefault("cartpole_dt_return_500", {})[seed] = value
@@ -153,7 +149,7 @@ def rl(runner: Runner, jobs: int) -> dict:
         elif figure.endswith("_dt"):
             for row in rows:
                 figures.setdefault(f"{figure}_{int(row['target'])}", {})[seed] = row["normalized_mean"]
-            steps = last_value(run_dir, "step") + 1
+            steps = last_value(folder, "step") + 1
             figures.setdefault(f"{figure}_steps", {})[seed] = int(steps)
         else:
             figures.setdefault(figure, {})[seed] = rows[0]["normalized_mean"]

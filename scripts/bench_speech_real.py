@@ -34,8 +34,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-from polyformer.bench import QUICK, bench_parser, last_value, polyformer, recorded, run, summarise, write_json
-from polyformer.cli import newest_version
+from polyformer.bench import (QUICK, bench_parser, evaluate, fit, last_value, recorded, run, run_dir, summarise,
+                              write_json)
 from polyformer.data import PROJECT_ROOT as ROOT
 from polyformer.data import shared_data_dir
 from polyformer.domains.speech.data import read_split
@@ -80,17 +80,12 @@ class Pipeline:
             run([sys.executable, str(ROOT / "scripts" / "make_synthetic_librispeech.py"), "--out", str(self.corpus),
                  *size, "--seed", "0"], out / "logs" / "corpus.log")
 
-    def where(self, name: str) -> list[str]:
-        return [f"--run.root={self.out / 'runs'}", "--run.domain=speech", f"--run.name={name}"]
-
     def fit(self, name: str, config: str, extra: list[str]) -> Path:
         """A `polyformer fit` (once per stage name; with --reuse, read from its record DIR/stages/<name>.json);
         returns its last checkpoint and records its minutes."""
         def train() -> dict:
-            seconds = run(polyformer("fit", "-c", str(CONFIGS / config), *self.where(name), *extra, *self.limits),
-                          self.out / "logs" / f"{name}.fit.log")
-            checkpoint = newest_version(self.out / "runs" / "speech" / name) / "checkpoints" / "last.ckpt"
-            return {"minutes": seconds / 60, "checkpoint": str(checkpoint)}
+            fitted = fit([CONFIGS / config], self.out, name, [*extra, *self.limits])
+            return {"minutes": fitted.seconds / 60, "checkpoint": str(fitted.checkpoint("last"))}
 
         if name not in self.stages:
             self.stages[name] = recorded(self.out / "stages" / f"{name}.json", self.reuse, train)
@@ -127,16 +122,15 @@ class Pipeline:
 
     def test(self, name: str, checkpoint: Path, decoding: list[str], tag: str) -> dict:
         """Dev CER and WER of a run's checkpoint (with --reuse, read from DIR/tests/<name>_<tag>.json)."""
-        def evaluate() -> dict:
-            run(polyformer("test", "-c", str(CONFIGS / "conformer_ctc_tiny_real.yaml"), *self.where(name),
-                           f"--ckpt_path={checkpoint}", f"--data.init_args.root={REAL}",
-                           "--data.init_args.test_splits=[dev]", *decoding, *self.limits),
-                self.out / "logs" / f"{name}.test_{tag}.log")
-            run_dir = self.out / "runs" / "speech" / name
-            return {"cer": last_value(run_dir, "test/cer"), "wer": last_value(run_dir, "test/wer"),
+        def dev_error_rates() -> dict:
+            config = CONFIGS / "conformer_ctc_tiny_real.yaml"
+            evaluate("test", [config], self.out, name, [f"--data.init_args.root={REAL}",
+                     "--data.init_args.test_splits=[dev]", *decoding, *self.limits], checkpoint, tag=tag)
+            folder = run_dir(self.out, config, name)
+            return {"cer": last_value(folder, "test/cer"), "wer": last_value(folder, "test/wer"),
                     "checkpoint": str(checkpoint)}
 
-        return recorded(self.out / "tests" / f"{name}_{tag}.json", self.reuse, evaluate)
+        return recorded(self.out / "tests" / f"{name}_{tag}.json", self.reuse, dev_error_rates)
 
 
 def real_benchmark(out: Path, recipes: list[str], quick: bool, json_path: Path | None, reuse: bool = False,

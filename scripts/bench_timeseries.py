@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from polyformer.bench import bench_parser, last_value, polyformer, recorded, run, run_dir, write_json
-from polyformer.cli import newest_version
+from polyformer.bench import bench_parser, evaluate, fit, last_value, recorded, run_dir, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "timeseries"
@@ -62,20 +61,19 @@ def train_and_test(config: Path, horizon: int, csv: Path, out: Path, quick: bool
     """`polyformer fit` of `config` at horizon H, then `polyformer test` of its checkpoint with the best validation
     MSE on every test window (polyformer.bench; with `reuse`, a finished run's record is read back)."""
     name = f"{config.stem}_h{horizon}"
-    where = [f"--model.init_args.model.horizon={horizon}", f"--data.init_args.horizon={horizon}",
-             f"--data.init_args.path={csv}", f"--run.root={out / 'runs'}", f"--run.name={name}",
-             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+    extra = [f"--model.init_args.model.horizon={horizon}", f"--data.init_args.horizon={horizon}",
+             f"--data.init_args.path={csv}", "--trainer.enable_progress_bar=false",
+             "--trainer.enable_model_summary=false",
              *(["--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=2",
                 "--trainer.limit_test_batches=2"] if quick else [])]
 
     def produce() -> dict:
         folder = run_dir(out, config, name)
-        seconds = run(polyformer("fit", "-c", str(config), *where), out / "logs" / f"{name}.fit.log", threads=threads)
-        best = newest_version(folder) / "checkpoints" / "best.ckpt"
-        run(polyformer("test", "-c", str(config), *where, f"--ckpt_path={best}"), out / "logs" / f"{name}.test.log",
-            threads=threads)
-        return {"mse": last_value(folder, "test/mse"), "mae": last_value(folder, "test/mae"), "seconds": seconds,
-                "checkpoint": str(best)}
+        fitted = fit([config], out, name, extra, threads=threads)
+        best = fitted.checkpoint("best")
+        evaluate("test", [config], out, name, extra, best, threads=threads)
+        return {"mse": last_value(folder, "test/mse"), "mae": last_value(folder, "test/mae"),
+                "seconds": fitted.seconds, "checkpoint": str(best)}
 
     return recorded(out / "records" / f"{name}.json", reuse, produce)
 

@@ -1,6 +1,6 @@
 """Vision benchmark: throughput of our ViT against timm's, digits accuracy, and an attention-rollout figure.
 
-    python scripts/bench_vision.py [--quick] [--json PATH] [--out DIR]
+    python scripts/bench_vision.py [--quick] [--json PATH] [--out DIR] [--reuse]
 
 1. Training-step (forward, backward, AdamW step) and inference images/s of our ViT and timm's same model with the
    same weights (ViT-Ti/16, 224 px, batch 32, fp32 on CPU by default), timed alternately round by round in one
@@ -10,26 +10,25 @@
    checkpoint on the held-out split (--quick: a shorter schedule of the same config, said so in the output).
 3. Attention rollout of the trained digits model over a few test images, saved as PNG.
 
+--reuse reads the finished digits run back from --out (its record); the throughput is measured again.
 --json writes train_ratio_vs_timm, infer_ratio_vs_timm (and _full_readout siblings), digits_test_acc, digits_train_seconds.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 import yaml
 
-from polyformer.bench import polyformer, run
-from polyformer.cli import datamodule_from, newest_version
+from polyformer.bench import bench_parser, evaluate, fit, last_value, recorded, run_dir, write_json
+from polyformer.cli import datamodule_from
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = ROOT / "configs" / "vision" / "vit_tiny_digits.yaml"
@@ -100,27 +99,21 @@ class FullReadout(torch.nn.Module):
         return self.vit.forward_head(self.vit.forward_features(images, query_index=None))
 
 
-def test_accuracy(run: Path) -> float:
-    """test/acc1 of a run's last checkpoint, with the datamodule its saved config.yaml names."""
-    from polyformer.domains.vision import ImageClassificationTask
+def train_digits(out: Path, extra: list[str], reuse: bool) -> dict:
+    """Fits the digits config with the threads the caller set, tests its last checkpoint (polyformer.bench); with
+    `reuse`, the finished run's record out/records/digits.json is read back."""
+    def produce() -> dict:
+        cpu_start = resource.getrusage(resource.RUSAGE_CHILDREN)
+        fitted = fit([DIGITS_CONFIG], out, "vit_tiny_digits", extra, threads=None)
+        cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_seconds = cpu.ru_utime + cpu.ru_stime - cpu_start.ru_utime - cpu_start.ru_stime
+        print(f"    wall {fitted.seconds:.1f} s, CPU {cpu_seconds:.1f} s (user + system; the wall time includes waiting "
+              f"for a busy machine)", flush=True)
+        evaluate("test", [DIGITS_CONFIG], out, "vit_tiny_digits", extra, fitted.checkpoint("last"), threads=None)
+        return {"seconds": fitted.seconds, "accuracy": last_value(run_dir(out, DIGITS_CONFIG, "vit_tiny_digits"),
+                                                                  "test/acc1"), "version": str(fitted.version)}
 
-    data_config = yaml.safe_load((run / "config.yaml").read_text())["data"]
-    datamodule = datamodule_from(data_config)
-    task = ImageClassificationTask.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
-    return float(trainer.test(task, datamodule=datamodule, verbose=False)[0]["test/acc1"])
-
-
-def train_digits(run_root: Path, extra: list[str]) -> tuple[float, float, Path]:
-    command = polyformer("fit", "-c", str(DIGITS_CONFIG.relative_to(ROOT)), f"--run.root={run_root}", *extra)
-    cpu_start = resource.getrusage(resource.RUSAGE_CHILDREN)
-    seconds = run(command, run_root / "logs" / "digits_fit.log", threads=None)  # the threads the caller set
-    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu_seconds = cpu.ru_utime + cpu.ru_stime - cpu_start.ru_utime - cpu_start.ru_stime
-    print(f"    wall {seconds:.1f} s, CPU {cpu_seconds:.1f} s (user + system; the wall time includes waiting for a busy "
-          f"machine)", flush=True)
-    version = newest_version(run_root / "vision" / "vit_tiny_digits")
-    return seconds, test_accuracy(version), version
+    return recorded(out / "records" / "digits.json", reuse, produce)
 
 
 def rollout_figure(run: Path, path: Path, count: int = 6) -> None:
@@ -155,10 +148,8 @@ def rollout_figure(run: Path, path: Path, count: int = 6) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer rounds, batch 8, a 15-epoch digits schedule")
-    parser.add_argument("--json", type=Path, help="write the headline figures here")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_vision", help="runs and the figure")
+    parser = bench_parser(__doc__, ROOT / "runs" / "bench_vision")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name for the throughput part")
     parser.add_argument("--batch", type=int, default=None, help="default 32 (8 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -177,25 +168,21 @@ def main() -> None:
         print(f"    {key}: {value:.3f}")
 
     if args.throughput_only:
-        if args.json:
-            args.json.write_text(json.dumps(speed | {"model": args.model, "batch": batch, "rounds": rounds,
-                                                     "threads": torch.get_num_threads()}, indent=2) + "\n")
-            print(f"wrote {args.json}")
+        write_json(args.json, speed | {"model": args.model, "batch": batch, "rounds": rounds,
+                                       "threads": torch.get_num_threads()})
         return 0
     extra = ["--trainer.max_epochs=15"] if args.quick else []
     print(f"[2] digits{' (--quick: 15-epoch schedule of the same config)' if args.quick else ''}", flush=True)
-    seconds, accuracy, run = train_digits(args.out, extra)
+    digits = train_digits(args.out, extra, args.reuse)
+    seconds, accuracy, run = digits["seconds"], digits["accuracy"], Path(digits["version"])
     print(f"    digits_test_acc: {accuracy:.4f}   digits_train_seconds: {seconds:.1f}   run: {run}")
 
     figure = args.out / "digits_attention_rollout.png"
     rollout_figure(run, figure)
     print(f"[3] attention rollout figure: {figure}")
 
-    if args.json:
-        report = {key: speed[key] for key in speed if "_ratio_vs_timm" in key} | {
-            "digits_test_acc": accuracy, "digits_train_seconds": seconds}
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, {key: speed[key] for key in speed if "_ratio_vs_timm" in key} | {
+        "digits_test_acc": accuracy, "digits_train_seconds": seconds})
 
 
 if __name__ == "__main__":

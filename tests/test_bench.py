@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from polyformer.bench import (QUICK, RunError, bench_parser, finished, fit_and_test, history, last_value, last_values,
-                              recorded, run, run_dir, runs_parser, summarise, write_json)
+from polyformer.bench import (QUICK, RunError, bench_parser, evaluate, finished, fit, fit_and_test, history, last_value,
+                              last_values, recorded, run, run_dir, runs_parser, summarise, write_json)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "core" / "sort_tiny.yaml"
@@ -34,6 +34,23 @@ def test_fit_and_test_runs_the_cli_and_reuses_a_finished_run(tmp_path, capsys):
     again = fit_and_test(CONFIG, tmp_path, "tiny", SMALL, checkpoint="last", metric="test/token_acc", reuse=True)
     assert again == value and "reusing" in capsys.readouterr().out
     assert sorted(p.name for p in folder.iterdir()) == ["version_0", "version_1"]  # nothing ran again
+
+
+def test_fit_then_validate_and_test_with_two_config_files(tmp_path):
+    """The two halves of fit_and_test: a fit of a config and an override file, its last checkpoint validated and
+    tested (a tagged log each), every metric of both stages read back from the run folder."""
+    override = tmp_path / "seed.yaml"
+    override.write_text("seed_everything: 3\n")
+    fitted = fit([CONFIG, override], tmp_path, "two", SMALL)
+    assert fitted.version == run_dir(tmp_path, CONFIG, "two") / "version_0" and fitted.seconds > 0
+    assert fitted.checkpoint("last").is_file()
+    for stage in ("validate", "test"):
+        evaluate(stage, [CONFIG, override], tmp_path, "two", SMALL, fitted.checkpoint("last"), tag="last")
+        assert (tmp_path / "logs" / f"two.{stage}_last.log").is_file()
+    folder = run_dir(tmp_path, CONFIG, "two")
+    assert sorted(p.name for p in folder.iterdir()) == ["version_0", "version_1", "version_2"]
+    assert 0.0 <= last_value(folder, "val/token_acc") <= 1.0 and 0.0 <= last_value(folder, "test/token_acc") <= 1.0
+    assert "seed_everything: 3" in (fitted.version / "config.yaml").read_text()  # the second file was read
 
 
 def test_a_failing_command_names_itself_and_its_log(tmp_path):

@@ -5,6 +5,12 @@ records that let a benchmark finish over several sittings (--reuse), seeds, para
     acc = fit_and_test(CONFIGS / "vision" / "vit_tiny_digits.yaml", out, "vit_seed1", ["--seed_everything=1"],
                        checkpoint="last", metric="test/acc1", reuse=args.reuse)
 
+or, where a benchmark reads more than one metric or evaluates on more than one stage, its two halves:
+
+    fitted = fit([config], out, name, extra)       # Fit(seconds, version folder)
+    evaluate("test", [config], out, name, extra, fitted.checkpoint("best"))
+    mse = last_value(run_dir(out, config, name), "test/mse")
+
 A run is `polyformer fit` then `polyformer test` of one of its checkpoints, under out/runs/<domain>/<name>/, its
 output in out/logs/<name>.{fit,test}.log, one torch thread per process (jobs run side by side on separate cores).
 Metrics are read from the run's metrics.csv: the last value logged, in the newest version that logged it.
@@ -22,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from polyformer.cli import newest_version, version_numbers
@@ -102,6 +109,41 @@ def run_dir(out: Path, config: Path, name: str) -> Path:
     return out / "runs" / config.parent.name / name
 
 
+def run_args(out: Path, name: str) -> list[str]:
+    """The arguments that put a `polyformer` run named `name` under out/runs."""
+    return [f"--run.root={out / 'runs'}", f"--run.name={name}"]
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A finished `polyformer fit`: its wall seconds and its version folder (out/runs/<domain>/<name>/version_N)."""
+
+    seconds: float
+    version: Path
+
+    def checkpoint(self, which: str) -> Path:
+        """One of the fit's checkpoints: `best` or `last`."""
+        return self.version / "checkpoints" / f"{which}.ckpt"
+
+
+def fit(configs: list[Path], out: Path, name: str, extra: list[str], threads: int | None = 1) -> Fit:
+    """`polyformer fit -c <config> ... <extra>` as the run `name` under out/runs (its domain the first config's
+    folder), its output in out/logs/<name>.fit.log."""
+    files = [arg for config in configs for arg in ("-c", str(config))]
+    seconds = run(polyformer("fit", *files, *run_args(out, name), *extra), out / "logs" / f"{name}.fit.log",
+                  threads=threads)
+    return Fit(seconds, newest_version(run_dir(out, configs[0], name)))
+
+
+def evaluate(stage: str, configs: list[Path], out: Path, name: str, extra: list[str], checkpoint: Path,
+             threads: int | None = 1, tag: str = "") -> None:
+    """`polyformer <stage>` (validate / test) of a checkpoint, as a new version of the run `name`, its output in
+    out/logs/<name>.<stage>[_<tag>].log; its metrics are read with last_value(run_dir(...), "<stage>/<metric>")."""
+    files = [arg for config in configs for arg in ("-c", str(config))]
+    log = out / "logs" / f"{name}.{stage}{f'_{tag}' if tag else ''}.log"
+    run(polyformer(stage, *files, *run_args(out, name), *extra, f"--ckpt_path={checkpoint}"), log, threads=threads)
+
+
 def fit_and_test(config: Path, out: Path, name: str, extra: list[str], checkpoint: str, metric: str,
                  reuse: bool) -> float:
     """`polyformer fit` then `polyformer test` of its `checkpoint` (best / last); returns the test metric. With
@@ -110,11 +152,8 @@ def fit_and_test(config: Path, out: Path, name: str, extra: list[str], checkpoin
     if reuse and (value := finished(folder, metric)) is not None:
         print(f"reusing {folder}: {metric} {value:.4f}", flush=True)
         return value
-    where = [f"--run.root={out / 'runs'}", f"--run.name={name}"]
-    run(polyformer("fit", "-c", str(config), *where, *extra), out / "logs" / f"{name}.fit.log")
-    ckpt = newest_version(folder) / "checkpoints" / f"{checkpoint}.ckpt"
-    run(polyformer("test", "-c", str(config), *where, *extra, f"--ckpt_path={ckpt}"),
-        out / "logs" / f"{name}.test.log")
+    fitted = fit([config], out, name, extra)
+    evaluate("test", [config], out, name, extra, fitted.checkpoint(checkpoint))
     return last_value(folder, metric)
 
 
