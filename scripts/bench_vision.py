@@ -11,7 +11,8 @@
 3. Attention rollout of the trained digits model over a few test images, saved as PNG.
 
 --reuse reads the finished digits run back from --out (its record); the throughput is measured again.
---json writes train_ratio_vs_timm, infer_ratio_vs_timm (and _full_readout siblings), digits_test_acc, digits_train_seconds.
+--json writes train_ratio_vs_timm, infer_ratio_vs_timm (and _full_readout siblings), digits_test_acc,
+digits_train_seconds.
 """
 
 from __future__ import annotations
@@ -107,8 +108,8 @@ def train_digits(out: Path, extra: list[str], reuse: bool) -> dict:
         fitted = fit([DIGITS_CONFIG], out, "vit_tiny_digits", extra, threads=None)
         cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu_seconds = cpu.ru_utime + cpu.ru_stime - cpu_start.ru_utime - cpu_start.ru_stime
-        print(f"    wall {fitted.seconds:.1f} s, CPU {cpu_seconds:.1f} s (user + system; the wall time includes waiting "
-              f"for a busy machine)", flush=True)
+        print(f"    wall {fitted.seconds:.1f} s, CPU {cpu_seconds:.1f} s (user + system; the wall time includes "
+              f"waiting for a busy machine)", flush=True)
         evaluate("test", [DIGITS_CONFIG], out, "vit_tiny_digits", extra, fitted.checkpoint("last"), threads=None)
         return {"seconds": fitted.seconds, "accuracy": last_value(run_dir(out, DIGITS_CONFIG, "vit_tiny_digits"),
                                                                   "test/acc1"), "version": str(fitted.version)}
