@@ -14,7 +14,8 @@
    each model once per round in a rotating order; medians and the ratios ours/torchaudio.
 2. Accuracy: CER and WER of the tiny config on the synthetic test split and on the held-out-accent split.
    Without --ckpt it trains first (`polyformer fit -c configs/speech/conformer_ctc_tiny_synthetic.yaml`), on
-   data/synthetic_librispeech (made when missing, >= 75 min of training audio); --quick uses a small corpus in a
+   data/synthetic_librispeech (made when missing, >= 75 min of training audio; the run is kept under
+   runs/bench_speech/runs/speech/bench); --quick uses a small corpus in a
    temporary folder and one short epoch, which checks the pipeline but does not measure the model. With --ckpt it
    only tests that checkpoint on data/synthetic_librispeech (--quick then shortens the throughput part alone), and
    train_seconds is the training time logged in that checkpoint's run (train/time in its metrics.csv: the
@@ -41,8 +42,8 @@ import torchaudio
 import yaml
 from torch import Tensor, nn
 
-from polyformer.bench import last_values, polyformer, run
-from polyformer.cli import newest_version, newest_with
+from polyformer.bench import evaluate, fit, last_values, run, run_dir
+from polyformer.cli import newest_version
 from polyformer.domains.speech.conformer import ConformerConfig
 from polyformer.domains.speech.model import SpeechModelConfig, SpeechRecognizer
 from polyformer.domains.speech.frontend import FeatureConfig, SpecAugmentConfig
@@ -146,19 +147,17 @@ def accuracy(quick: bool, ckpt: str | None, workdir: Path) -> dict:
             run([sys.executable, "scripts/make_synthetic_librispeech.py", "--out", str(corpus),
                  "--train-minutes", "80"], logs / "corpus.log")
         overrides = ["--data.init_args.root", str(corpus)]
-    runs_root = workdir / "runs" if quick else ROOT / "runs"  # a full run's checkpoint is kept
-    runs = ["--run.root", str(runs_root), "--run.name", "bench"]
+    out = workdir if quick else ROOT / "runs" / "bench_speech"  # a full run's checkpoint is kept
     train_seconds = None
     if ckpt is None:
-        train_seconds = run(polyformer("fit", "-c", str(CONFIG), *overrides, *runs), logs / "fit.log")
-        ckpt = str(newest_with(runs_root / "speech" / "bench", "checkpoints/last.ckpt"))
+        fitted = fit([CONFIG], out, "bench", overrides)
+        train_seconds, ckpt = fitted.seconds, str(fitted.checkpoint("last"))
     else:  # the fit's own clock: the Throughput callback's train/time in the checkpoint's run folder
         fit_metrics = Path(ckpt).resolve().parents[1] / "metrics.csv"
         if fit_metrics.is_file():
             train_seconds = last_values(fit_metrics).get("train/time")
-    run(polyformer("test", "-c", str(CONFIG), "--ckpt_path", ckpt, *overrides, *runs), logs / "test.log")
-    test_dir = newest_version(runs_root / "speech" / "bench")
-    metrics = last_values(test_dir / "metrics.csv")
+    evaluate("test", [CONFIG], out, "bench", overrides, Path(ckpt))
+    metrics = last_values(newest_version(run_dir(out, CONFIG, "bench")) / "metrics.csv")
     return {"test_cer": metrics["test/test/cer"], "test_wer": metrics["test/test/wer"],
             "heldout_voice_cer": metrics["test/heldout/cer"], "heldout_voice_wer": metrics["test/heldout/wer"],
             "train_seconds": round(train_seconds, 1) if train_seconds is not None else None, "checkpoint": ckpt}
