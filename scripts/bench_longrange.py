@@ -4,7 +4,7 @@
                                       [--tasks text listops pathfinder] [--kernels full local linear] [--peers lstm s4d]
                                       [--modes scratch spt]
                                       [--minutes text=7 listops=5 pathfinder=5] [--seed 0]
-                                      [--position sinusoidal|learned|rope|alibi]
+                                      [--position sinusoidal|learned|rope|alibi] [--cut NAME]
 
 Cells: the three attention kernels (--kernels) on Text, the kernel with the best self-pretrained validation accuracy
 on Text on ListOps and Pathfinder (the first of --kernels when Text is not run), the LSTM and S4D peers (--peers) on
@@ -22,6 +22,9 @@ minutes (task → model → {scratch, spt}: wall minutes of the cell's fits, pre
 fine-tuning or scratch fit's real tokens per second of training steps), peak_mb (the process's peak resident memory),
 steps, params, protocol (budgets, lengths, sizes, widths, as run), best (task → {model, mode, checkpoint, config}).
 --quick: a few batches of every cell on tiny generated data (checks the script, not a result).
+--cut NAME adds configs/longrange/cuts/<task>_<NAME>.yaml after the CPU config of every fit (shorter inputs, their
+batches, validation during the fit: a diagnostic, not LRA's task; cells and records named <...>_<NAME>_seed<S>, the
+files' contents in protocol.cut).
 """
 
 from __future__ import annotations
@@ -58,15 +61,21 @@ def max_time(minutes: float) -> str:
     return f"00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def configs(task: str, model: str, pretrain: bool = False) -> list[Path]:
+def cut_file(task: str, cut: str) -> Path:
+    return CONFIGS / "cuts" / f"{task}_{cut}.yaml"
+
+
+def configs(task: str, model: str, pretrain: bool = False, cut: str | None = None) -> list[Path]:
     files = [CONFIGS / f"{task}{'_pretrain' if pretrain else ''}.yaml", CONFIGS / "cpu" / f"{task}.yaml"]
+    files += [cut_file(task, cut)] if cut else []
     return files + ([CONFIGS / "mixers" / f"{model}.yaml"] if model != "full" else [])
 
 
-def generate_data(task: str) -> None:
-    """Generates a task's splits as its configs (task + CPU cut) define them, before cells run side by side."""
+def generate_data(task: str, cut: str | None) -> None:
+    """Generates a task's splits as its configs (task + CPU cut + --cut) define them, before cells run side by
+    side."""
     spec: dict = {}
-    for file in configs(task, "full"):
+    for file in configs(task, "full", cut=cut):
         spec |= ((yaml.safe_load(file.read_text()).get("data") or {}).get("init_args") or {}).get("spec") or {}
     if task == "listops":
         listops.generate(listops.ListOpsSpec(**spec), CACHE)
@@ -75,11 +84,12 @@ def generate_data(task: str) -> None:
 
 
 def cell(task: str, model: str, mode: str, minutes: float, out: Path, quick: bool, seed: int, reuse: bool,
-         position: str = "sinusoidal") -> dict:
+         position: str = "sinusoidal", cut: str | None = None) -> dict:
     """Trains, validates and tests one cell (the transformer's positions: `position`); its record
     (out/records/<name>.json) lets --reuse skip it."""
     transformer = model in KERNELS
-    name = f"{task}_{model}{f'_{position}' if transformer and position != 'sinusoidal' else ''}_{mode}_seed{seed}"
+    positions = f"_{position}" if transformer and position != "sinusoidal" else ""
+    name = f"{task}_{model}{positions}_{mode}{f'_{cut}' if cut else ''}_seed{seed}"
 
     def produce() -> dict:
         if quick:  # the CPU configs validate after the fit only; quick validates its one epoch
@@ -90,10 +100,10 @@ def cell(task: str, model: str, mode: str, minutes: float, out: Path, quick: boo
                   *([f"--model.init_args.model.transformer.position={position}"] if transformer else [])]
         seconds, init = 0.0, []
         if mode == "spt":
-            pretrained = fit(configs(task, model, pretrain=True), out, f"{name}_pretrain", common)
+            pretrained = fit(configs(task, model, pretrain=True, cut=cut), out, f"{name}_pretrain", common)
             seconds += pretrained.seconds
             init = [f"--model.init_args.init_from={pretrained.checkpoint('last')}"]
-        files = configs(task, model)
+        files = configs(task, model, cut=cut)
         fitted = fit(files, out, name, [*common, *init])
         seconds += fitted.seconds
         checkpoint = fitted.checkpoint("last")
@@ -103,7 +113,8 @@ def cell(task: str, model: str, mode: str, minutes: float, out: Path, quick: boo
         train = last_values(fitted.version / "metrics.csv")  # the fit's own version: its last logged values
         return {"val": last_value(folder, "val/acc"), "test": last_value(folder, "test/acc"),
                 "minutes": seconds / 60, "tokens_per_s": train["train/tokens_per_s"],
-                "peak_mb": train["train/peak_mb"], "steps": int(train["step"]) + 1, "params": int(train["train/params"]),
+                "peak_mb": train["train/peak_mb"], "steps": int(train["step"]) + 1,
+                "params": int(train["train/params"]),
                 "checkpoint": str(checkpoint), "config": [str(f.relative_to(ROOT)) for f in files] + init}
 
     return recorded(out / "records" / f"{name}.json", reuse, produce)
@@ -123,7 +134,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--position", default="sinusoidal", choices=("sinusoidal", "learned", "rope", "alibi"),
                         help="the transformers' positions (alibi and rope act on scores: not with --kernels linear)")
+    parser.add_argument("--cut", help="a diagnostic cut of every task: configs/longrange/cuts/<task>_<CUT>.yaml")
     args = parser.parse_args()
+    missing = [str(cut_file(task, args.cut).relative_to(ROOT)) for task in args.tasks
+               if args.cut and not cut_file(task, args.cut).is_file()]
+    if missing:
+        raise SystemExit(f"--cut {args.cut}: expected {', '.join(missing)}, found no such file")
     for kernel in args.kernels:  # the configs' own check, before any cell runs
         try:
             TransformerConfig(attention=kernel, position=args.position, window=256)
@@ -139,12 +155,12 @@ def main() -> None:
     def run_cells(cells: list[tuple[str, str, str]]) -> dict:
         with ThreadPoolExecutor(args.jobs) as pool:
             futures = {c: pool.submit(cell, *c, minutes[c[0]], args.out, args.quick, args.seed, args.reuse,
-                                      args.position) for c in cells}
+                                      args.position, args.cut) for c in cells}
         return {c: future.result() for c, future in futures.items()}
 
     if not args.quick:
         for task in args.tasks:
-            generate_data(task)
+            generate_data(task, args.cut)
     results: dict[tuple[str, str, str], dict] = {}
     if "text" in args.tasks:
         results |= run_cells([("text", model, mode) for model in (*args.kernels, *args.peers)
@@ -188,7 +204,9 @@ def main() -> None:
                               "pathfinder": "generated: 40,000 / 2,000 / 2,000, contour length 10"},
                      "widths": {"transformer": f"dim 64, 2 blocks, 4 heads, mlp 128, {args.position}",
                                 "lstm": "bidirectional, 48 per direction", "s4d": "dim 64, 3 blocks, state 48"},
-                     "local_window": 256},
+                     "local_window": 256,
+                     **({"cut": {task: yaml.safe_load(cut_file(task, args.cut).read_text()) for task in args.tasks}}
+                        if args.cut else {})},  # JSONs written before --cut existed stay byte for byte
     }
     for task in args.tasks:
         print(f"\n{task}: test accuracy (val) | minutes | tokens/s | peak MB | steps | params")

@@ -152,3 +152,34 @@ def test_listops_stage_draws_only_the_splits_it_needs(tmp_path):
     assert sorted(fitting.splits) == ["train", "val"]
     assert (tmp_path / "b" / f"listops-{spec.key()}" / "basic_val.tsv").read_text() == \
         (folder / "basic_val.tsv").read_text()
+
+
+@pytest.mark.parametrize("task, cut, expected", [
+    ("listops", "short", {"data.init_args.spec.min_len": 50, "data.init_args.spec.max_len": 250,
+                          "data.init_args.spec.train": 20000, "data.init_args.loader.max_tokens": 8000}),
+    ("text", "1k", {"data.init_args.max_len": 1024, "model.init_args.model.transformer.max_len": 1024,
+                    "data.init_args.val_size": 1000, "data.init_args.loader.max_tokens": 16384}),
+])
+def test_a_diagnostic_cut_overrides_the_cpu_config_and_keeps_the_rest(task, cut, expected):
+    """configs/longrange/cuts/<task>_<cut>.yaml (bench_longrange.py --cut) after the CPU config: its lengths and
+    batches replace the CPU config's, the CPU config's split sizes stay, for the fine-tuning and pre-training
+    configs alike."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    configs = Path(__file__).resolve().parents[2] / "configs" / "longrange"
+    for stem in (task, f"{task}_pretrain"):
+        printed = subprocess.run(
+            [sys.executable, "-m", "polyformer.cli", "fit", "-c", str(configs / f"{stem}.yaml"),
+             "-c", str(configs / "cpu" / f"{task}.yaml"), "-c", str(configs / "cuts" / f"{task}_{cut}.yaml"),
+             "--print_config"], capture_output=True, text=True, check=True).stdout
+        config = yaml.safe_load(printed)
+        for key, value in expected.items():
+            found = config
+            for part in key.split("."):
+                found = found[part]
+            assert found == value, (stem, key, found)
+        assert config["trainer"]["val_check_interval"] == 300
