@@ -109,9 +109,10 @@ def run_dir(out: Path, config: Path, name: str) -> Path:
     return out / "runs" / config.parent.name / name
 
 
-def run_args(out: Path, name: str) -> list[str]:
-    """The arguments that put a `polyformer` run named `name` under out/runs."""
-    return [f"--run.root={out / 'runs'}", f"--run.name={name}"]
+def command(subcommand: str, configs: list[Path], out: Path, name: str, extra: list[str]) -> list[str]:
+    """`polyformer <subcommand> -c <config> ...` as the run `name` under out/runs, then `extra`."""
+    files = [arg for config in configs for arg in ("-c", str(config))]
+    return polyformer(subcommand, *files, f"--run.root={out / 'runs'}", f"--run.name={name}", *extra)
 
 
 @dataclass(frozen=True)
@@ -129,9 +130,7 @@ class Fit:
 def fit(configs: list[Path], out: Path, name: str, extra: list[str], threads: int | None = 1) -> Fit:
     """`polyformer fit -c <config> ... <extra>` as the run `name` under out/runs (its domain the first config's
     folder), its output in out/logs/<name>.fit.log."""
-    files = [arg for config in configs for arg in ("-c", str(config))]
-    seconds = run(polyformer("fit", *files, *run_args(out, name), *extra), out / "logs" / f"{name}.fit.log",
-                  threads=threads)
+    seconds = run(command("fit", configs, out, name, extra), out / "logs" / f"{name}.fit.log", threads=threads)
     return Fit(seconds, newest_version(run_dir(out, configs[0], name)))
 
 
@@ -139,9 +138,8 @@ def evaluate(stage: str, configs: list[Path], out: Path, name: str, extra: list[
              threads: int | None = 1, tag: str = "") -> None:
     """`polyformer <stage>` (validate / test) of a checkpoint, as a new version of the run `name`, its output in
     out/logs/<name>.<stage>[_<tag>].log; its metrics are read with last_value(run_dir(...), "<stage>/<metric>")."""
-    files = [arg for config in configs for arg in ("-c", str(config))]
     log = out / "logs" / f"{name}.{stage}{f'_{tag}' if tag else ''}.log"
-    run(polyformer(stage, *files, *run_args(out, name), *extra, f"--ckpt_path={checkpoint}"), log, threads=threads)
+    run(command(stage, configs, out, name, [*extra, f"--ckpt_path={checkpoint}"]), log, threads=threads)
 
 
 def fit_and_test(config: Path, out: Path, name: str, extra: list[str], checkpoint: str, metric: str,
