@@ -103,12 +103,12 @@ def cell(task: str, model: str, mode: str, minutes: float, out: Path, quick: boo
             pretrained = fit(configs(task, model, pretrain=True, cut=cut), out, f"{name}_pretrain", common)
             seconds += pretrained.seconds
             init = [f"--model.init_args.init_from={pretrained.checkpoint('last')}"]
-        files = configs(task, model, cut=cut)
-        fitted = fit(files, out, name, [*common, *init])
+        files, extra = configs(task, model, cut=cut), [*common, *init]
+        fitted = fit(files, out, name, extra)
         seconds += fitted.seconds
         checkpoint = fitted.checkpoint("last")
         for stage in ("validate", "test"):
-            evaluate(stage, files, out, name, [*common, *init], checkpoint)
+            evaluate(stage, files, out, name, extra, checkpoint)
         folder = run_dir(out, files[0], name)
         train = last_values(fitted.version / "metrics.csv")  # the fit's own version: its last logged values
         return {"val": last_value(folder, "val/acc"), "test": last_value(folder, "test/acc"),
@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--cut", help="a diagnostic cut of every task: configs/longrange/cuts/<task>_<CUT>.yaml")
     args = parser.parse_args()
     missing = [str(cut_file(task, args.cut).relative_to(ROOT)) for task in args.tasks
-               if args.cut and not cut_file(task, args.cut).is_file()]
+               if not cut_file(task, args.cut).is_file()] if args.cut else []
     if missing:
         raise SystemExit(f"--cut {args.cut}: expected {', '.join(missing)}, found no such file")
     for kernel in args.kernels:  # the configs' own check, before any cell runs
